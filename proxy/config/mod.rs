@@ -1,0 +1,964 @@
+//! The config file contract (`shared/spec/sluice.example.toml`) read into one validated `Config`.
+//!
+//! Reading walks toml's spanned tree by hand so that *every* problem is reported at once, each as
+//! `file:line:col: message`, the way `nginx -t` does. Keys that belong to features not built yet
+//! are understood and refused with "not supported yet" rather than ignored.
+
+pub mod reader;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use sha2::{Digest, Sha256};
+use toml::de::DeTable;
+
+pub use reader::Diagnostic;
+use reader::{At, Diagnostics, Span, Table};
+
+use crate::tls::{self, ServerCert, UpstreamTlsMaterial};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    V12,
+    V13,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLog {
+    Stdout,
+    Off,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub threads: usize,
+    pub grace_period: Duration,
+    pub drain_delay: Duration,
+    pub access_log: AccessLog,
+}
+
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub listen: SocketAddr,
+}
+
+#[derive(Clone)]
+pub struct CertEntry {
+    pub hosts: Vec<String>,
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    pub loaded: ServerCert,
+}
+
+#[derive(Clone)]
+pub struct Tls {
+    pub min_version: TlsVersion,
+    pub hsts: String,
+    pub certs: Vec<CertEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    pub listen: SocketAddr,
+    pub tls: bool,
+    pub http2: bool,
+    pub redirect_https: Option<u16>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientIp {
+    pub trusted_proxies: Vec<IpNet>,
+    pub proxy_protocol: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Region {
+    pub name: String,
+    pub location: (f64, f64),
+    pub countries: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    pub address: SocketAddr,
+    pub weight: u32,
+}
+
+#[derive(Clone)]
+pub struct Pool {
+    pub name: String,
+    pub region: Option<String>,
+    pub backends: Vec<Backend>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub tls: Option<UpstreamTlsMaterial>,
+    pub http2: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sticky {
+    Cookie,
+    ClientIp,
+    None,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    pub hosts: Vec<String>,
+    pub path_prefix: String,
+    /// Indexes into `Config::pools`.
+    pub blue: Vec<usize>,
+    pub green: Vec<usize>,
+    pub weights: (u8, u8),
+    pub sticky: Sticky,
+}
+
+/// A validated config: everything the runtime snapshot is built from.
+#[derive(Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub server: Server,
+    pub admin: Admin,
+    pub tls: Option<Tls>,
+    pub listeners: Vec<Listener>,
+    pub client_ip: ClientIp,
+    pub regions: Vec<Region>,
+    pub pools: Vec<Pool>,
+    pub routes: Vec<Route>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("path", &self.path)
+            .field("sha256", &self.sha256)
+            .field("listeners", &self.listeners)
+            .field("routes", &self.routes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads and validates a config file. Errors list every problem found.
+pub fn load(path: &Path) -> Result<Config, Vec<Diagnostic>> {
+    let src = std::fs::read_to_string(path).map_err(|e| {
+        vec![Diagnostic {
+            file: path.to_path_buf(),
+            line: 1,
+            col: 1,
+            message: format!("cannot read config file: {e}"),
+        }]
+    })?;
+    parse(path, &src)
+}
+
+/// Validates config text as if it had been read from `path` (relative paths resolve against
+/// the directory of `path`).
+pub fn parse(path: &Path, src: &str) -> Result<Config, Vec<Diagnostic>> {
+    let mut d = Diagnostics::new(path, src);
+    let root = match DeTable::parse(src) {
+        Ok(t) => t,
+        Err(e) => {
+            let span = e.span().unwrap_or(0..0);
+            d.error(&span, format!("TOML syntax error: {}", e.message().trim()));
+            return Err(d.list);
+        }
+    };
+    let base = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let root = Table::new(root.get_ref(), root.span(), "");
+    let cfg = Builder { base, d: &mut d }.build(&root);
+    match cfg {
+        Some(mut cfg) if d.is_empty() => {
+            cfg.path = path.to_path_buf();
+            cfg.sha256 = hex(&Sha256::digest(src.as_bytes()));
+            Ok(cfg)
+        }
+        _ => {
+            let mut list = d.list;
+            list.sort_by_key(|e| (e.line, e.col));
+            Err(list)
+        }
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+fn not_yet(d: &mut Diagnostics, t: &Table, key: &str, issue: &str) {
+    if let Some(span) = t.key_span(key) {
+        let name = if t.path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{}", t.path, key)
+        };
+        d.error(
+            &span,
+            format!("`{name}` is not supported yet ({issue}); remove it to run this version"),
+        );
+    }
+}
+
+struct Builder<'d, 's> {
+    base: PathBuf,
+    d: &'d mut Diagnostics<'s>,
+}
+
+impl Builder<'_, '_> {
+    fn path(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn build(&mut self, root: &Table) -> Option<Config> {
+        root.check_keys(
+            self.d,
+            &[
+                "server",
+                "admin",
+                "tls",
+                "listener",
+                "client_ip",
+                "rate_limit",
+                "geoip",
+                "region",
+                "pool",
+                "route",
+            ],
+        );
+        not_yet(self.d, root, "rate_limit", "rate limiting");
+        not_yet(self.d, root, "geoip", "geo-routing");
+
+        let server = self.server(root);
+        let admin = self.admin(root);
+        let tls = self.tls(root);
+        let listeners = self.listeners(root, tls.is_some());
+        let client_ip = self.client_ip(root);
+        let regions = self.regions(root);
+        let pools = self.pools(root, &regions);
+        let routes = self.routes(root, &pools);
+        Some(Config {
+            path: PathBuf::new(),
+            sha256: String::new(),
+            server: server?,
+            admin: admin?,
+            tls,
+            listeners,
+            client_ip,
+            regions,
+            pools,
+            routes,
+        })
+    }
+
+    fn server(&mut self, root: &Table) -> Option<Server> {
+        let default_threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut s = Server {
+            threads: default_threads,
+            grace_period: Duration::from_secs(15),
+            drain_delay: Duration::from_secs(2),
+            access_log: AccessLog::Stdout,
+        };
+        let Some(t) = root.table(self.d, "server") else {
+            return (!root.has("server")).then_some(s);
+        };
+        t.check_keys(
+            self.d,
+            &["threads", "grace_period", "drain_delay", "access_log"],
+        );
+        if let Some(n) = t.integer(self.d, "threads", 1, 1024) {
+            s.threads = n.value as usize;
+        }
+        if let Some(g) = t.duration(self.d, "grace_period") {
+            if g.value > Duration::from_secs(30) {
+                self.d
+                    .error(&g.span, "`server.grace_period` must be <= 30s");
+            }
+            s.grace_period = g.value;
+        }
+        if let Some(g) = t.duration(self.d, "drain_delay") {
+            if g.value > Duration::from_secs(60) {
+                self.d.error(&g.span, "`server.drain_delay` must be <= 60s");
+            }
+            s.drain_delay = g.value;
+        }
+        if let Some(a) = t.string(self.d, "access_log") {
+            s.access_log = match a.value.as_str() {
+                "stdout" => AccessLog::Stdout,
+                "off" => AccessLog::Off,
+                "" => {
+                    self.d.error(
+                        &a.span,
+                        "`server.access_log` must be \"stdout\", \"off\" or a file path",
+                    );
+                    AccessLog::Off
+                }
+                p => AccessLog::File(self.path(p)),
+            };
+        }
+        Some(s)
+    }
+
+    fn socket_addr(&mut self, a: &At<String>, key: &str) -> Option<SocketAddr> {
+        match a.value.parse::<SocketAddr>() {
+            Ok(s) => Some(s),
+            Err(_) => {
+                self.d.error(
+                    &a.span,
+                    format!(
+                        "`{key}` = \"{}\" is not an \"ip:port\" address (\"[::]:8443\" for IPv6)",
+                        a.value
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn admin(&mut self, root: &Table) -> Option<Admin> {
+        let mut admin = Admin {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9900)),
+        };
+        let Some(t) = root.table(self.d, "admin") else {
+            return (!root.has("admin")).then_some(admin);
+        };
+        t.check_keys(self.d, &["listen", "token_file", "state_file", "audit_log"]);
+        for key in ["token_file", "state_file", "audit_log"] {
+            not_yet(self.d, &t, key, "admin write API");
+        }
+        if let Some(l) = t.string(self.d, "listen") {
+            admin.listen = self.socket_addr(&l, "admin.listen")?;
+        }
+        Some(admin)
+    }
+
+    fn tls(&mut self, root: &Table) -> Option<Tls> {
+        let t = root.table(self.d, "tls")?;
+        t.check_keys(self.d, &["min_version", "hsts", "cert"]);
+        let mut tls = Tls {
+            min_version: TlsVersion::V13,
+            hsts: "max-age=31536000".to_string(),
+            certs: Vec::new(),
+        };
+        if let Some(v) = t.string(self.d, "min_version") {
+            tls.min_version = match v.value.as_str() {
+                "1.2" => TlsVersion::V12,
+                "1.3" => TlsVersion::V13,
+                _ => {
+                    self.d
+                        .error(&v.span, "`tls.min_version` must be \"1.2\" or \"1.3\"");
+                    TlsVersion::V13
+                }
+            };
+        }
+        if let Some(h) = t.string(self.d, "hsts") {
+            if h.value.chars().any(|c| c.is_control()) {
+                self.d.error(&h.span, "`tls.hsts` must be a header value");
+            }
+            tls.hsts = h.value;
+        }
+        let certs = t.tables(self.d, "cert");
+        if certs.is_empty() {
+            self.d.error(
+                &t.span,
+                "[tls] needs at least one [[tls.cert]] with hosts, cert and key",
+            );
+        }
+        for c in certs {
+            c.check_keys(self.d, &["hosts", "cert", "key"]);
+            let hosts = self.host_patterns(&c, "hosts");
+            let cert = self.required_string(&c, "cert");
+            let key = self.required_string(&c, "key");
+            let (Some(cert), Some(key)) = (cert, key) else {
+                continue;
+            };
+            let cert_path = self.path(&cert.value);
+            let key_path = self.path(&key.value);
+            if !self.file_exists(&cert_path, &cert.span, &format!("{}.cert", c.path))
+                || !self.file_exists(&key_path, &key.span, &format!("{}.key", c.path))
+            {
+                continue;
+            }
+            match tls::load_server_cert(&cert_path, &key_path) {
+                Ok(loaded) => tls.certs.push(CertEntry {
+                    hosts,
+                    cert_path,
+                    key_path,
+                    loaded,
+                }),
+                Err(e) => self.d.error(&cert.span, e),
+            }
+        }
+        Some(tls)
+    }
+
+    fn file_exists(&mut self, p: &Path, span: &Span, key: &str) -> bool {
+        if p.is_file() {
+            return true;
+        }
+        self.d.error(
+            span,
+            format!("`{key}`: file {} does not exist", p.display()),
+        );
+        false
+    }
+
+    fn required_string(&mut self, t: &Table, key: &str) -> Option<At<String>> {
+        if !t.has(key) {
+            self.d
+                .error(&t.span, format!("`{}` is missing key `{key}`", t.path));
+            return None;
+        }
+        let s = t.string(self.d, key)?;
+        if s.value.is_empty() {
+            self.d
+                .error(&s.span, format!("`{}.{key}` must not be empty", t.path));
+            return None;
+        }
+        Some(s)
+    }
+
+    /// Host names as used by certs and routes: exact, `*.suffix` or `*`.
+    fn host_patterns(&mut self, t: &Table, key: &str) -> Vec<String> {
+        let Some(hosts) = t.strings(self.d, key) else {
+            self.d
+                .error(&t.span, format!("`{}` is missing key `{key}`", t.path));
+            return Vec::new();
+        };
+        if hosts.value.is_empty() {
+            self.d
+                .error(&hosts.span, format!("`{}.{key}` must not be empty", t.path));
+        }
+        let mut out = Vec::new();
+        for h in hosts.value {
+            let v = h.value.to_ascii_lowercase();
+            let name = v.strip_prefix("*.").unwrap_or(&v);
+            let ok = v == "*"
+                || (!name.is_empty()
+                    && name.split('.').all(|l| {
+                        !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                    }));
+            if !ok {
+                self.d.error(
+                    &h.span,
+                    format!(
+                        "`{}.{key}`: \"{}\" is not a host name, \"*.suffix\" or \"*\"",
+                        t.path, h.value
+                    ),
+                );
+            } else if out.contains(&v) {
+                self.d.error(
+                    &h.span,
+                    format!("`{}.{key}`: duplicate host \"{}\"", t.path, h.value),
+                );
+            } else {
+                out.push(v);
+            }
+        }
+        out
+    }
+
+    fn listeners(&mut self, root: &Table, have_tls: bool) -> Vec<Listener> {
+        let list = root.tables(self.d, "listener");
+        if list.is_empty() {
+            self.d
+                .error(&root.span, "at least one [[listener]] is required");
+        }
+        let mut out: Vec<Listener> = Vec::new();
+        for t in list {
+            t.check_keys(self.d, &["listen", "tls", "http2", "redirect_https"]);
+            let Some(listen) = self.required_string(&t, "listen") else {
+                continue;
+            };
+            let Some(addr) = self.socket_addr(&listen, "listener.listen") else {
+                continue;
+            };
+            if out.iter().any(|l| l.listen == addr) {
+                self.d
+                    .error(&listen.span, format!("duplicate listener address {addr}"));
+                continue;
+            }
+            let tls = t.boolean(self.d, "tls").is_some_and(|b| b.value);
+            if tls && !have_tls {
+                self.d.error(
+                    &t.span,
+                    "a listener with `tls = true` needs a [tls] section with [[tls.cert]]",
+                );
+            }
+            let http2 = t.boolean(self.d, "http2").is_some_and(|b| b.value);
+            let redirect = t
+                .integer(self.d, "redirect_https", 1, 65535)
+                .map(|p| p.value as u16);
+            if redirect.is_some() && tls {
+                if let Some(span) = t.key_span("redirect_https") {
+                    self.d.error(
+                        &span,
+                        "`redirect_https` only makes sense on a listener with `tls = false`",
+                    );
+                }
+            }
+            out.push(Listener {
+                listen: addr,
+                tls,
+                http2,
+                redirect_https: redirect,
+            });
+        }
+        out
+    }
+
+    fn client_ip(&mut self, root: &Table) -> ClientIp {
+        let mut c = ClientIp {
+            trusted_proxies: Vec::new(),
+            proxy_protocol: false,
+        };
+        let Some(t) = root.table(self.d, "client_ip") else {
+            return c;
+        };
+        t.check_keys(self.d, &["trusted_proxies", "proxy_protocol"]);
+        if let Some(list) = t.strings(self.d, "trusted_proxies") {
+            c.trusted_proxies = self.cidrs(&list, "client_ip.trusted_proxies");
+            if !c.trusted_proxies.is_empty() {
+                not_yet(
+                    self.d,
+                    &t,
+                    "trusted_proxies",
+                    "client IP from X-Forwarded-For",
+                );
+            }
+        }
+        if let Some(p) = t.boolean(self.d, "proxy_protocol") {
+            if p.value {
+                not_yet(self.d, &t, "proxy_protocol", "PROXY protocol");
+            }
+        }
+        c
+    }
+
+    fn cidrs(&mut self, list: &At<Vec<At<String>>>, key: &str) -> Vec<IpNet> {
+        let mut out = Vec::new();
+        for s in &list.value {
+            let parsed = s
+                .value
+                .parse::<IpNet>()
+                .or_else(|_| s.value.parse::<std::net::IpAddr>().map(IpNet::from));
+            match parsed {
+                Ok(n) => out.push(n),
+                Err(_) => self.d.error(
+                    &s.span,
+                    format!("`{key}`: \"{}\" is not a CIDR or IP address", s.value),
+                ),
+            }
+        }
+        out
+    }
+
+    fn unique_name(&mut self, t: &Table, seen: &mut HashSet<String>, kind: &str) -> Option<String> {
+        let name = self.required_string(t, "name")?;
+        if !seen.insert(name.value.clone()) {
+            self.d.error(
+                &name.span,
+                format!("duplicate {kind} name \"{}\"", name.value),
+            );
+            return None;
+        }
+        Some(name.value)
+    }
+
+    fn regions(&mut self, root: &Table) -> Vec<Region> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for t in root.tables(self.d, "region") {
+            t.check_keys(self.d, &["name", "location", "countries"]);
+            let name = self.unique_name(&t, &mut seen, "region");
+            let location = match t.array(self.d, "location") {
+                Some(a) => {
+                    let nums: Vec<f64> = a
+                        .value
+                        .iter()
+                        .filter_map(|v| reader::as_f64(v.get_ref()))
+                        .collect();
+                    match nums.as_slice() {
+                        [lat, lon]
+                            if (-90.0..=90.0).contains(lat) && (-180.0..=180.0).contains(lon) =>
+                        {
+                            Some((*lat, *lon))
+                        }
+                        _ => {
+                            self.d.error(
+                                &a.span,
+                                format!(
+                                    "`{}.location` must be [latitude, longitude] in degrees",
+                                    t.path
+                                ),
+                            );
+                            None
+                        }
+                    }
+                }
+                None => {
+                    self.d
+                        .error(&t.span, format!("`{}` is missing key `location`", t.path));
+                    None
+                }
+            };
+            let mut countries = Vec::new();
+            if let Some(list) = t.strings(self.d, "countries") {
+                for c in list.value {
+                    if c.value.len() == 2 && c.value.chars().all(|ch| ch.is_ascii_uppercase()) {
+                        countries.push(c.value);
+                    } else {
+                        self.d.error(
+                            &c.span,
+                            format!(
+                                "`{}.countries`: \"{}\" is not an ISO 3166 two-letter code (e.g. \"IE\")",
+                                t.path, c.value
+                            ),
+                        );
+                    }
+                }
+            }
+            if let (Some(name), Some(location)) = (name, location) {
+                out.push(Region {
+                    name,
+                    location,
+                    countries,
+                });
+            }
+        }
+        out
+    }
+
+    fn pools(&mut self, root: &Table, regions: &[Region]) -> Vec<Pool> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for t in root.tables(self.d, "pool") {
+            t.check_keys(
+                self.d,
+                &[
+                    "name",
+                    "region",
+                    "backends",
+                    "health",
+                    "eject",
+                    "min_healthy",
+                    "connect_timeout",
+                    "read_timeout",
+                    "tls",
+                    "http2",
+                ],
+            );
+            not_yet(self.d, &t, "health", "active health checks");
+            not_yet(self.d, &t, "eject", "passive ejection");
+            if let Some(m) = t.float(self.d, "min_healthy", 0.0, 1.0) {
+                if m.value > 0.0 {
+                    not_yet(self.d, &t, "min_healthy", "health ejection floor");
+                }
+            }
+            let name = self.unique_name(&t, &mut seen, "pool");
+            let region = t.string(self.d, "region").and_then(|r| {
+                if regions.iter().any(|g| g.name == r.value) {
+                    Some(r.value)
+                } else {
+                    self.d.error(
+                        &r.span,
+                        format!("`{}.region`: unknown region \"{}\"", t.path, r.value),
+                    );
+                    None
+                }
+            });
+            let backends = self.backends(&t);
+            let connect_timeout = t
+                .duration(self.d, "connect_timeout")
+                .map_or(Duration::from_secs(1), |d| d.value);
+            let read_timeout = t
+                .duration(self.d, "read_timeout")
+                .map_or(Duration::from_secs(30), |d| d.value);
+            for (v, key) in [
+                (connect_timeout, "connect_timeout"),
+                (read_timeout, "read_timeout"),
+            ] {
+                if v.is_zero() {
+                    if let Some(span) = t.raw(key).map(|r| r.span()) {
+                        self.d
+                            .error(&span, format!("`{}.{key}` must be above zero", t.path));
+                    }
+                }
+            }
+            let tls = t.table(self.d, "tls").and_then(|tt| self.pool_tls(&tt));
+            let http2 = t.boolean(self.d, "http2").is_some_and(|b| b.value);
+            if let Some(name) = name {
+                out.push(Pool {
+                    name,
+                    region,
+                    backends,
+                    connect_timeout,
+                    read_timeout,
+                    tls,
+                    http2,
+                });
+            }
+        }
+        out
+    }
+
+    fn backends(&mut self, t: &Table) -> Vec<Backend> {
+        let Some(arr) = t.array(self.d, "backends") else {
+            if !t.has("backends") {
+                self.d
+                    .error(&t.span, format!("`{}` is missing key `backends`", t.path));
+            }
+            return Vec::new();
+        };
+        if arr.value.is_empty() {
+            self.d.error(
+                &arr.span,
+                format!("`{}.backends` must list at least one backend", t.path),
+            );
+        }
+        let mut out: Vec<Backend> = Vec::new();
+        for item in arr.value {
+            // "ip:port", or { address = "ip:port", weight = N } for weighted round-robin
+            let (addr, weight) = if let Some(s) = item.get_ref().as_str() {
+                (At::new(s.to_string(), item.span()), 1)
+            } else if let Some(bt) = item.get_ref().as_table() {
+                let bt = Table::new(bt, item.span(), format!("{}.backends[]", t.path));
+                bt.check_keys(self.d, &["address", "weight"]);
+                let Some(a) = self.required_string(&bt, "address") else {
+                    continue;
+                };
+                let w = bt.integer(self.d, "weight", 1, 1000).map_or(1, |w| w.value);
+                (a, w as u32)
+            } else {
+                self.d.error(
+                    &item.span(),
+                    format!(
+                        "`{}.backends` entries must be \"ip:port\" or {{ address = \"ip:port\", weight = N }}",
+                        t.path
+                    ),
+                );
+                continue;
+            };
+            let Some(address) = self.socket_addr(&addr, "pool.backends") else {
+                continue;
+            };
+            if out.iter().any(|b| b.address == address) {
+                self.d.error(
+                    &addr.span,
+                    format!("`{}.backends`: duplicate backend {address}", t.path),
+                );
+                continue;
+            }
+            out.push(Backend { address, weight });
+        }
+        out
+    }
+
+    fn pool_tls(&mut self, t: &Table) -> Option<UpstreamTlsMaterial> {
+        t.check_keys(self.d, &["sni", "ca", "cert", "key"]);
+        let sni = t.string(self.d, "sni").map(|s| s.value);
+        let file = |this: &mut Self, key: &str| -> Option<PathBuf> {
+            let s = t.string(this.d, key)?;
+            let p = this.path(&s.value);
+            this.file_exists(&p, &s.span, &format!("{}.{key}", t.path))
+                .then_some(p)
+        };
+        let ca = file(self, "ca");
+        let cert = file(self, "cert");
+        let key = file(self, "key");
+        if cert.is_some() != key.is_some() {
+            self.d.error(
+                &t.span,
+                format!(
+                    "`{}` needs both `cert` and `key` for a client certificate",
+                    t.path
+                ),
+            );
+            return None;
+        }
+        match tls::load_upstream_material(sni, ca.as_deref(), cert.as_deref().zip(key.as_deref())) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                self.d.error(&t.span, format!("`{}`: {e}", t.path));
+                None
+            }
+        }
+    }
+
+    fn routes(&mut self, root: &Table, pools: &[Pool]) -> Vec<Route> {
+        let index: HashMap<&str, usize> = pools
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.name.as_str(), i))
+            .collect();
+        let mut seen = HashSet::new();
+        let mut claimed: HashMap<(String, String), String> = HashMap::new();
+        let mut out = Vec::new();
+        for t in root.tables(self.d, "route") {
+            t.check_keys(
+                self.d,
+                &[
+                    "name",
+                    "hosts",
+                    "path_prefix",
+                    "blue",
+                    "green",
+                    "weights",
+                    "sticky",
+                    "override_header",
+                    "rollback",
+                    "rate_limit",
+                ],
+            );
+            not_yet(self.d, &t, "rollback", "blue-green shifting");
+            not_yet(self.d, &t, "override_header", "blue-green shifting");
+            not_yet(self.d, &t, "rate_limit", "rate limiting");
+            let name = self.unique_name(&t, &mut seen, "route");
+            let hosts = self.host_patterns(&t, "hosts");
+            let path_prefix = match t.string(self.d, "path_prefix") {
+                Some(p) if p.value.starts_with('/') => p.value,
+                Some(p) => {
+                    self.d.error(
+                        &p.span,
+                        format!("`{}.path_prefix` must start with \"/\"", t.path),
+                    );
+                    "/".to_string()
+                }
+                None => "/".to_string(),
+            };
+            let color = |this: &mut Self, key: &str| -> Vec<usize> {
+                let Some(list) = t.strings(this.d, key) else {
+                    return Vec::new();
+                };
+                let mut v = Vec::new();
+                for p in list.value {
+                    match index.get(p.value.as_str()) {
+                        Some(i) if !v.contains(i) => v.push(*i),
+                        Some(_) => this.d.error(
+                            &p.span,
+                            format!("`{}.{key}`: pool \"{}\" listed twice", t.path, p.value),
+                        ),
+                        None => this.d.error(
+                            &p.span,
+                            format!("`{}.{key}`: unknown pool \"{}\"", t.path, p.value),
+                        ),
+                    }
+                }
+                v
+            };
+            let blue = color(self, "blue");
+            if !t.has("blue") {
+                self.d
+                    .error(&t.span, format!("`{}` is missing key `blue`", t.path));
+            }
+            let green = color(self, "green");
+            if !green.is_empty() {
+                not_yet(self.d, &t, "green", "blue-green shifting");
+            }
+            let weights = self.weights(&t, !green.is_empty());
+            let sticky = match t.string(self.d, "sticky") {
+                None => Sticky::Cookie,
+                Some(s) => match s.value.as_str() {
+                    "cookie" => Sticky::Cookie,
+                    "client_ip" => Sticky::ClientIp,
+                    "none" => Sticky::None,
+                    _ => {
+                        self.d.error(
+                            &s.span,
+                            format!(
+                                "`{}.sticky` must be \"cookie\", \"client_ip\" or \"none\"",
+                                t.path
+                            ),
+                        );
+                        Sticky::None
+                    }
+                },
+            };
+            if let Some(name) = &name {
+                for h in &hosts {
+                    if let Some(other) =
+                        claimed.insert((h.clone(), path_prefix.clone()), name.clone())
+                    {
+                        let span = t
+                            .raw("path_prefix")
+                            .or(t.raw("hosts"))
+                            .map_or(t.span.clone(), |v| v.span());
+                        self.d.error(
+                            &span,
+                            format!(
+                                "route \"{name}\" has the same host \"{h}\" and path_prefix \"{path_prefix}\" as route \"{other}\""
+                            ),
+                        );
+                    }
+                }
+            }
+            if let Some(name) = name {
+                out.push(Route {
+                    name,
+                    hosts,
+                    path_prefix,
+                    blue,
+                    green,
+                    weights,
+                    sticky,
+                });
+            }
+        }
+        out
+    }
+
+    fn weights(&mut self, t: &Table, has_green: bool) -> (u8, u8) {
+        let Some(w) = t.table(self.d, "weights") else {
+            return (100, 0);
+        };
+        w.check_keys(self.d, &["blue", "green"]);
+        let blue = w.integer(self.d, "blue", 0, 100).map(|v| v.value);
+        let green = w.integer(self.d, "green", 0, 100).map(|v| v.value);
+        let (Some(blue), Some(green)) = (blue, green) else {
+            if !(w.has("blue") && w.has("green")) {
+                self.d.error(
+                    &w.span,
+                    format!("`{}.weights` needs both `blue` and `green`", t.path),
+                );
+            }
+            return (100, 0);
+        };
+        if blue + green != 100 {
+            self.d.error(
+                &w.span,
+                format!(
+                    "`{}.weights` must sum to 100 (blue {blue} + green {green} = {})",
+                    t.path,
+                    blue + green
+                ),
+            );
+            return (100, 0);
+        }
+        if green > 0 && !has_green {
+            self.d.error(
+                &w.span,
+                format!(
+                    "`{}.weights.green` is {green} but the route has no green pools",
+                    t.path
+                ),
+            );
+        }
+        (blue as u8, green as u8)
+    }
+}

@@ -1,0 +1,388 @@
+//! The request path: route, pick a backend, forward with the standard headers, answer errors
+//! with short bodies, and record metrics and the access log.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorType};
+use serde::Serialize;
+
+use crate::metrics::code_class;
+use crate::router::normalize_host;
+use crate::snapshot::Snapshot;
+use crate::state::{InflightGuard, Shared};
+
+/// One gateway per listener: it knows the address and whether it terminates TLS.
+pub struct Gateway {
+    pub shared: Arc<Shared>,
+    pub listen: SocketAddr,
+    pub tls: bool,
+}
+
+/// Per-request state.
+pub struct Ctx {
+    start: Instant,
+    snap: Option<Arc<Snapshot>>,
+    route: Option<usize>,
+    /// Index into the route's blue pools.
+    pool_slot: usize,
+    backend: Option<usize>,
+    /// Bit i set: backend i of the pool was tried and failed to connect.
+    failed: u64,
+    retries: u8,
+    request_id: String,
+    host: String,
+    _inflight: Option<InflightGuard>,
+}
+
+/// At most this many retries on another backend when connecting fails.
+const MAX_RETRIES: u8 = 1;
+
+impl Gateway {
+    fn client_ip(session: &Session) -> Option<IpAddr> {
+        session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip())
+    }
+
+    async fn respond(
+        &self,
+        session: &mut Session,
+        ctx: &Ctx,
+        code: u16,
+        body: &str,
+        location: Option<String>,
+    ) -> Result<()> {
+        let mut h = ResponseHeader::build(code, Some(6))?;
+        h.insert_header("content-type", "text/plain; charset=utf-8")?;
+        h.insert_header("content-length", body.len().to_string())?;
+        h.insert_header("cache-control", "no-store")?;
+        if let Some(loc) = location {
+            h.insert_header("location", loc)?;
+        }
+        if !ctx.request_id.is_empty() {
+            h.insert_header("x-request-id", ctx.request_id.as_str())?;
+        }
+        self.add_hsts(&mut h, ctx)?;
+        session.set_keepalive(None);
+        session.write_response_header(Box::new(h), false).await?;
+        session
+            .write_response_body(Some(Bytes::copy_from_slice(body.as_bytes())), true)
+            .await
+    }
+
+    fn add_hsts(&self, h: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
+        if self.tls {
+            if let Some(v) = ctx.snap.as_ref().and_then(|s| s.hsts.as_deref()) {
+                h.insert_header("strict-transport-security", v)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn request_host(req: &RequestHeader) -> &str {
+    req.uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers.get("host").and_then(|h| h.to_str().ok()))
+        .unwrap_or("")
+}
+
+/// A request id the client sent is kept if it is a sane token; otherwise a new one is made.
+fn request_id(req: &RequestHeader) -> String {
+    if let Some(v) = req
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+    {
+        if !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()) {
+            return v.to_string();
+        }
+    }
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            start: Instant::now(),
+            snap: None,
+            route: None,
+            pool_slot: 0,
+            backend: None,
+            failed: 0,
+            retries: 0,
+            request_id: String::new(),
+            host: String::new(),
+            _inflight: Some(self.shared.lifecycle.enter()),
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let snap = self.shared.snapshot();
+        ctx.snap = Some(snap.clone());
+        let req = session.req_header();
+        ctx.request_id = request_id(req);
+        ctx.host = normalize_host(request_host(req));
+
+        if let Some(port) = snap.listener(self.listen).and_then(|l| l.redirect_https) {
+            let authority = if port == 443 {
+                ctx.host.clone()
+            } else if ctx.host.contains(':') {
+                format!("[{}]:{port}", ctx.host)
+            } else {
+                format!("{}:{port}", ctx.host)
+            };
+            let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
+            let location = format!("https://{authority}{path}");
+            self.respond(session, ctx, 308, "redirecting to https\n", Some(location))
+                .await?;
+            return Ok(true);
+        }
+
+        let path = req.uri.path();
+        match snap.router.route(&ctx.host, path) {
+            Some(r) => {
+                ctx.route = Some(r);
+                Ok(false)
+            }
+            None => {
+                self.respond(session, ctx, 404, "no route for this host and path\n", None)
+                    .await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let (Some(snap), Some(r)) = (ctx.snap.as_ref(), ctx.route) else {
+            return Err(Error::explain(ErrorType::InternalError, "no route chosen"));
+        };
+        let route = &snap.routes[r];
+        // Geo and colors choose among pools in later versions; today the first blue pool serves.
+        ctx.pool_slot = 0;
+        let Some(pool) = route.blue.get(ctx.pool_slot).map(|p| &snap.pools[*p]) else {
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(502),
+                "route has no pool",
+            ));
+        };
+        let failed = ctx.failed;
+        let Some(b) = pool.rr.next_where(|i| i >= 64 || failed & (1u64 << i) == 0) else {
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(502),
+                "no backend reachable",
+            ));
+        };
+        ctx.backend = Some(b);
+        Ok(Box::new(pool.backends[b].peer.clone()))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing was sent yet, so another backend may take any request.
+        if let Some(b) = ctx.backend.filter(|b| *b < 64) {
+            ctx.failed |= 1u64 << b;
+        }
+        let others = ctx
+            .snap
+            .as_ref()
+            .zip(ctx.route)
+            .and_then(|(s, r)| s.routes[r].blue.get(ctx.pool_slot).map(|p| &s.pools[*p]))
+            .map_or(0, |p| p.backends.len())
+            > (ctx.failed.count_ones() as usize);
+        if ctx.retries < MAX_RETRIES && others {
+            ctx.retries += 1;
+            e.set_retry(true);
+        } else {
+            e.set_retry(false);
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(ip) = Self::client_ip(session) {
+            let xff = match upstream
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
+                _ => ip.to_string(),
+            };
+            upstream.insert_header("x-forwarded-for", xff)?;
+        }
+        upstream.insert_header("x-forwarded-proto", if self.tls { "https" } else { "http" })?;
+        let host = request_host(session.req_header()).to_string();
+        if !host.is_empty() {
+            upstream.insert_header("x-forwarded-host", host.as_str())?;
+            if upstream.headers.get("host").is_none() {
+                upstream.insert_header("host", host.as_str())?;
+            }
+        }
+        upstream.insert_header("x-request-id", ctx.request_id.as_str())?;
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        self.add_hsts(resp, ctx)?;
+        if resp.headers.get("x-request-id").is_none() {
+            resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        use ErrorType::*;
+        let (code, body) = match e.etype() {
+            HTTPStatus(c) if *c == 502 => (502, "no backend reachable\n"),
+            HTTPStatus(c) => (*c, "error\n"),
+            ConnectTimedout | ReadTimedout | WriteTimedout => (504, "backend timed out\n"),
+            _ => match e.esource() {
+                pingora::ErrorSource::Upstream => (502, "bad gateway\n"),
+                pingora::ErrorSource::Downstream => match e.etype() {
+                    WriteError | ReadError | ConnectionClosed => (0, ""),
+                    _ => (400, "bad request\n"),
+                },
+                _ => (500, "internal error\n"),
+            },
+        };
+        if code > 0 && session.response_written().is_none() {
+            if let Err(err) = self.respond(session, ctx, code, body, None).await {
+                log::debug!("cannot send error response: {err}");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let elapsed = ctx.start.elapsed();
+        let snap = ctx.snap.as_deref();
+        let route = snap.zip(ctx.route).map(|(s, r)| &s.routes[r]);
+        let pool = snap
+            .zip(route)
+            .and_then(|(s, r)| r.blue.get(ctx.pool_slot).map(|p| &s.pools[*p]));
+        match route {
+            Some(r) => {
+                if status > 0 {
+                    if let Some(c) = r.blue_requests.get(ctx.pool_slot) {
+                        c[code_class(status)].inc();
+                    }
+                }
+                r.duration.observe(elapsed.as_secs_f64());
+            }
+            None if status > 0 => {
+                let m = &self.shared.metrics;
+                m.requests
+                    .with_label_values(&[
+                        "",
+                        "",
+                        "",
+                        crate::metrics::CODE_CLASSES[code_class(status)],
+                    ])
+                    .inc();
+            }
+            None => {}
+        }
+        if !self.shared.access_log.enabled() {
+            return;
+        }
+        let req = session.req_header();
+        let line = AccessLine {
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            client: Self::client_ip(session).map(|i| i.to_string()),
+            method: req.method.as_str(),
+            host: &ctx.host,
+            path: req.uri.path(),
+            protocol: if session.is_http2() {
+                "HTTP/2"
+            } else {
+                "HTTP/1.1"
+            },
+            tls: self.tls,
+            status,
+            bytes: session.body_bytes_sent(),
+            duration_ms: elapsed.as_secs_f64() * 1000.0,
+            route: route.map(|r| r.name.as_str()),
+            pool: pool.map(|p| p.name.as_str()),
+            backend: pool
+                .zip(ctx.backend)
+                .map(|(p, b)| p.backends[b].address.to_string()),
+            retries: ctx.retries,
+            request_id: &ctx.request_id,
+            error: e.map(|e| e.etype().as_str()),
+        };
+        match serde_json::to_string(&line) {
+            Ok(s) => self.shared.access_log.log(s),
+            Err(err) => log::error!("cannot format access log line: {err}"),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct AccessLine<'a> {
+    time: String,
+    client: Option<String>,
+    method: &'a str,
+    host: &'a str,
+    path: &'a str,
+    protocol: &'a str,
+    tls: bool,
+    status: u16,
+    bytes: usize,
+    duration_ms: f64,
+    route: Option<&'a str>,
+    pool: Option<&'a str>,
+    backend: Option<String>,
+    retries: u8,
+    request_id: &'a str,
+    error: Option<&'a str>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids() {
+        let mut req = RequestHeader::build("GET", b"/", None).expect("req");
+        let a = request_id(&req);
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, request_id(&req));
+        req.insert_header("x-request-id", "abc-123").expect("hdr");
+        assert_eq!(request_id(&req), "abc-123");
+        req.insert_header("x-request-id", "has space").expect("hdr");
+        assert_ne!(request_id(&req), "has space");
+    }
+}

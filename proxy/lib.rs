@@ -1,0 +1,14 @@
+//! sluice: a Layer-7 reverse proxy and edge gateway on pingora.
+
+pub mod access_log;
+pub mod admin;
+pub mod balancer;
+pub mod config;
+pub mod demo_backend;
+pub mod gateway;
+pub mod metrics;
+pub mod router;
+pub mod server;
+pub mod snapshot;
+pub mod state;
+pub mod tls;

@@ -1,0 +1,132 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "Layer-7 reverse proxy and edge gateway"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the gateway.
+    Run {
+        #[arg(short, long, default_value = "config/sluice.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config file and exit (0 if valid; otherwise every problem as file:line:col).
+    Check {
+        #[arg(short, long, default_value = "config/sluice.toml")]
+        config: PathBuf,
+    },
+    /// A small HTTP/1.1 + h2c demo backend that answers with its name.
+    DemoBackend {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        name: String,
+        /// Start failing (503 to everything) until POST /_demo/recover.
+        #[arg(long)]
+        fail: bool,
+        /// Serve TLS with this certificate chain (PEM).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Demand a client certificate signed by this CA (PEM).
+        #[arg(long, requires = "tls_cert")]
+        client_ca: Option<PathBuf>,
+    },
+    /// Write a self-signed development certificate (kept if it already exists).
+    GenCert {
+        #[arg(long, default_value = "certs/dev.crt")]
+        cert: PathBuf,
+        #[arg(long, default_value = "certs/dev.key")]
+        key: PathBuf,
+        /// Host names and addresses the certificate is valid for.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "localhost,127.0.0.1,shop.example.com,*.example.com"
+        )]
+        hosts: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .target(env_logger::Target::Stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Run { config } => sluice::server::run(&config),
+        Cmd::Check { config } => match sluice::config::load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                Ok(())
+            }
+            Err(errs) => {
+                for e in &errs {
+                    eprintln!("{e}");
+                }
+                Err(format!("{} problem(s) found", errs.len()))
+            }
+        },
+        Cmd::DemoBackend {
+            listen,
+            name,
+            fail,
+            tls_cert,
+            tls_key,
+            client_ca,
+        } => sluice::demo_backend::run(sluice::demo_backend::Options {
+            listen,
+            name,
+            fail,
+            tls_cert,
+            tls_key,
+            client_ca,
+        }),
+        Cmd::GenCert { cert, key, hosts } => gen_cert(&cert, &key, &hosts),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sluice: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn gen_cert(cert: &PathBuf, key: &PathBuf, hosts: &[String]) -> Result<(), String> {
+    if cert.exists() && key.exists() {
+        println!("{} exists; kept", cert.display());
+        return Ok(());
+    }
+    let (c, k) = sluice::tls::generate_self_signed(hosts)?;
+    for p in [cert, key] {
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+    }
+    std::fs::write(cert, c).map_err(|e| format!("{}: {e}", cert.display()))?;
+    std::fs::write(key, k).map_err(|e| format!("{}: {e}", key.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(key, std::fs::Permissions::from_mode(0o600));
+    }
+    println!("wrote {} and {}", cert.display(), key.display());
+    Ok(())
+}

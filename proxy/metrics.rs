@@ -1,0 +1,109 @@
+//! Every metric sluice exports, in one place. Names and labels are the contract of
+//! `shared/spec/admin-api.md`; dashboards may rely on them.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Status classes used as the `code` label.
+pub const CODE_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+pub fn code_class(status: u16) -> usize {
+    match status {
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    /// `route`, `color`, `pool`, `code`
+    pub requests: IntCounterVec,
+    /// `route`
+    pub request_duration: HistogramVec,
+    /// `listener`
+    pub downstream_connections: IntGaugeVec,
+    /// `result` = ok / error
+    pub config_reloads: IntCounterVec,
+    pub config_generation: IntGauge,
+    pub config_last_reload_success: IntGauge,
+    /// Access log lines dropped because the writer could not keep up.
+    pub access_log_dropped: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "sluice_requests_total",
+                "Requests answered, by route, color, pool and status class",
+            ),
+            &["route", "color", "pool", "code"],
+        )?;
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "sluice_request_duration_seconds",
+                "Time from request start to the end of the response, by route",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ]),
+            &["route"],
+        )?;
+        let downstream_connections = IntGaugeVec::new(
+            Opts::new(
+                "sluice_downstream_connections",
+                "Open client connections, by listener",
+            ),
+            &["listener"],
+        )?;
+        let config_reloads = IntCounterVec::new(
+            Opts::new("sluice_config_reloads_total", "Config loads, by result"),
+            &["result"],
+        )?;
+        let config_generation = IntGauge::new(
+            "sluice_config_generation",
+            "Generation of the config being served (1 for the first load)",
+        )?;
+        let config_last_reload_success = IntGauge::new(
+            "sluice_config_last_reload_success",
+            "1 if the last config load succeeded, else 0",
+        )?;
+        let access_log_dropped = IntCounter::new(
+            "sluice_access_log_dropped_total",
+            "Access log lines dropped because the log writer fell behind",
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(request_duration.clone()))?;
+        registry.register(Box::new(downstream_connections.clone()))?;
+        registry.register(Box::new(config_reloads.clone()))?;
+        registry.register(Box::new(config_generation.clone()))?;
+        registry.register(Box::new(config_last_reload_success.clone()))?;
+        registry.register(Box::new(access_log_dropped.clone()))?;
+        Ok(Metrics {
+            registry,
+            requests,
+            request_duration,
+            downstream_connections,
+            config_reloads,
+            config_generation,
+            config_last_reload_success,
+            access_log_dropped,
+        })
+    }
+
+    /// Prometheus text format 0.0.4.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            log::error!("cannot encode metrics: {e}");
+        }
+        buf
+    }
+}

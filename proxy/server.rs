@@ -1,0 +1,287 @@
+//! Process wiring: pingora services for each listener and the admin API, readiness, and the
+//! graceful shutdown sequence.
+//!
+//! SIGTERM (or SIGQUIT): `/readyz` answers 503 at once; listeners keep serving for
+//! `drain_delay`; then they stop accepting and in-flight requests get up to `grace_period`;
+//! the process exits 0 as soon as none is left (pingora alone would always sleep the whole
+//! grace period). SIGINT: fast shutdown.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::apps::{HttpServerOptions, ServerApp};
+use pingora::listeners::tls::TlsSettings;
+use pingora::protocols::Stream;
+use pingora::proxy::{http_proxy, HttpProxy};
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
+use prometheus::IntGauge;
+
+use crate::admin::Admin;
+use crate::config::{self, Listener};
+use crate::gateway::Gateway;
+use crate::state::Shared;
+use crate::tls::SniResolver;
+
+pub fn run(config_path: &Path) -> Result<(), String> {
+    let cfg = config::load(config_path).map_err(|errs| {
+        errs.iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    })?;
+    // Binding problems are reported here, clearly, instead of as a panic inside pingora.
+    for addr in cfg
+        .listeners
+        .iter()
+        .map(|l| l.listen)
+        .chain(std::iter::once(cfg.admin.listen))
+    {
+        TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    }
+    let threads = cfg.server.threads;
+    let grace = cfg.server.grace_period;
+    let listeners = cfg.listeners.clone();
+    let admin_addr = cfg.admin.listen;
+    let shared = Shared::new(cfg, config_path.to_path_buf())?;
+
+    let conf = ServerConf {
+        threads,
+        grace_period_seconds: Some(grace.as_secs() + u64::from(grace.subsec_nanos() > 0)),
+        graceful_shutdown_timeout_seconds: Some(1),
+        // nothing is ever upgraded in place: keep pingora's files out of shared paths
+        pid_file: std::env::temp_dir()
+            .join(format!("sluice-{}.pid", std::process::id()))
+            .display()
+            .to_string(),
+        upgrade_sock: std::env::temp_dir()
+            .join(format!("sluice-{}.sock", std::process::id()))
+            .display()
+            .to_string(),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let conf = server.configuration.clone();
+
+    for l in &listeners {
+        let gateway = Gateway {
+            shared: shared.clone(),
+            listen: l.listen,
+            tls: l.tls,
+        };
+        let mut proxy = http_proxy(&conf, gateway);
+        if l.http2 && !l.tls {
+            let mut opts = HttpServerOptions::default();
+            opts.h2c = true;
+            proxy.server_options = Some(opts);
+        }
+        let app = Counted {
+            inner: Arc::new(proxy),
+            gauge: shared
+                .metrics
+                .downstream_connections
+                .with_label_values(&[&l.listen.to_string()]),
+        };
+        let mut service = Service::new(format!("listener {}", l.listen), app);
+        service.threads = Some(threads);
+        add_endpoint(&mut service, l, &shared)?;
+        server.add_service(service);
+    }
+
+    let mut admin = Service::new(
+        "admin".to_string(),
+        pingora::apps::http_app::HttpServer::new_app(Admin {
+            shared: shared.clone(),
+        }),
+    );
+    admin.threads = Some(1);
+    admin.add_tcp(&admin_addr.to_string());
+    server.add_service(admin);
+
+    server.add_service(background_service(
+        "readiness",
+        Readiness {
+            shared: shared.clone(),
+            listeners: listeners.clone(),
+        },
+    ));
+
+    log::info!(
+        "sluice {} serving {} listener(s), admin on {admin_addr}",
+        env!("CARGO_PKG_VERSION"),
+        listeners.len()
+    );
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Signals { shared }),
+    });
+    Ok(())
+}
+
+fn add_endpoint(
+    service: &mut Service<Counted>,
+    l: &Listener,
+    shared: &Arc<Shared>,
+) -> Result<(), String> {
+    let addr = l.listen.to_string();
+    if !l.tls {
+        service.add_tcp(&addr);
+        return Ok(());
+    }
+    // The paths are ignored once a resolver is set: certificates come from the snapshot.
+    let mut settings = TlsSettings::intermediate("", "").map_err(|e| e.to_string())?;
+    let s = shared.clone();
+    settings.set_cert_resolver(Arc::new(SniResolver::new(move || {
+        s.snapshot().certs.clone()
+    })));
+    if l.http2 {
+        settings.enable_h2();
+    }
+    service.add_tls_with_settings(&addr, None, settings);
+    Ok(())
+}
+
+/// Wraps the proxy app to count open downstream connections per listener.
+pub struct Counted {
+    inner: Arc<HttpProxy<Gateway>>,
+    gauge: IntGauge,
+}
+
+struct ConnGuard(IntGauge);
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[async_trait]
+impl ServerApp for Counted {
+    async fn process_new(
+        self: &Arc<Self>,
+        session: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        self.gauge.inc();
+        let _guard = ConnGuard(self.gauge.clone());
+        self.inner.process_new(session, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await
+    }
+}
+
+/// Marks the process ready once every listener accepts connections.
+struct Readiness {
+    shared: Arc<Shared>,
+    listeners: Vec<Listener>,
+}
+
+/// Connects to a listener; a TLS one must also complete a handshake.
+async fn probe(addr: SocketAddr, tls: bool) -> bool {
+    let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
+        return false;
+    };
+    if !tls {
+        return true;
+    }
+    let connector = tokio_rustls::TlsConnector::from(crate::tls::probe_client_config());
+    let name = rustls::pki_types::ServerName::from(addr.ip());
+    connector.connect(name, tcp).await.is_ok()
+}
+
+#[async_trait]
+impl BackgroundService for Readiness {
+    async fn start(&self, _shutdown: ShutdownWatch) {
+        for l in &self.listeners {
+            let addr = l.listen;
+            let target = match addr.ip().is_unspecified() {
+                true if addr.is_ipv4() => SocketAddr::from(([127, 0, 0, 1], addr.port())),
+                true => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port())),
+                false => addr,
+            };
+            while !probe(target, l.tls).await {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        self.shared.lifecycle.set_ready();
+        log::info!("ready");
+    }
+}
+
+struct Signals {
+    shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut quit), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::quit()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            log::error!("cannot install signal handlers; shutting down");
+            return ShutdownSignal::FastShutdown;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = quit.recv() => {}
+            _ = int.recv() => {
+                log::info!("SIGINT: fast shutdown");
+                self.shared.access_log.flush();
+                return ShutdownSignal::FastShutdown;
+            }
+        }
+        let snap = self.shared.snapshot();
+        let drain = snap.config.server.drain_delay;
+        let grace = snap.config.server.grace_period;
+        drop(snap);
+        log::info!(
+            "shutting down: draining for {drain:?}, then up to {grace:?} for requests in flight"
+        );
+        self.shared.lifecycle.start_draining();
+        tokio::time::sleep(drain).await;
+        let shared = self.shared.clone();
+        // pingora stops accepting once we return, then sleeps the whole grace period; exit as
+        // soon as nothing is in flight instead.
+        let spawned = std::thread::Builder::new()
+            .name("shutdown".into())
+            .spawn(move || {
+                let deadline = Instant::now() + grace;
+                std::thread::sleep(Duration::from_millis(50));
+                while shared.lifecycle.inflight() > 0 && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let left = shared.lifecycle.inflight();
+                if left > 0 {
+                    log::warn!("grace period over with {left} request(s) in flight");
+                }
+                shared.access_log.flush();
+                log::info!("exiting");
+                std::process::exit(0);
+            });
+        if let Err(e) = spawned {
+            log::error!("cannot start shutdown thread: {e}");
+        }
+        ShutdownSignal::GracefulTerminate
+    }
+}
+
+/// Waits until something accepts on `addr` (used by the demo and tests).
+pub fn wait_for_port(addr: SocketAddr, timeout: Duration) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}

@@ -1,0 +1,156 @@
+//! The immutable runtime view of one config generation. Built once per (re)load, swapped
+//! atomically, and read lock-free by every request.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use pingora::upstreams::peer::HttpPeer;
+use prometheus::{Histogram, IntCounter};
+
+use crate::balancer::SmoothRoundRobin;
+use crate::config::{Config, Listener};
+use crate::metrics::{Metrics, CODE_CLASSES};
+use crate::router::Router;
+use crate::tls::CertSet;
+
+/// How long an idle upstream connection is kept for reuse.
+const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
+
+pub struct Snapshot {
+    pub generation: u64,
+    pub loaded_at: SystemTime,
+    pub config: Config,
+    pub router: Router,
+    pub routes: Vec<RouteRt>,
+    pub pools: Vec<PoolRt>,
+    pub certs: Arc<CertSet>,
+    /// `Strict-Transport-Security` value, `None` when disabled or without TLS.
+    pub hsts: Option<String>,
+}
+
+pub struct RouteRt {
+    pub name: String,
+    /// Pools of the blue color, as indexes into `Snapshot::pools`.
+    pub blue: Vec<usize>,
+    pub duration: Histogram,
+    /// Per blue pool (same order as `blue`), one counter per status class.
+    pub blue_requests: Vec<[IntCounter; 5]>,
+}
+
+pub struct PoolRt {
+    pub name: String,
+    pub backends: Vec<BackendRt>,
+    pub rr: SmoothRoundRobin,
+}
+
+pub struct BackendRt {
+    pub address: SocketAddr,
+    /// Fully configured peer (timeouts, TLS, h2); cloned per request.
+    pub peer: HttpPeer,
+}
+
+impl Snapshot {
+    pub fn build(config: Config, generation: u64, metrics: &Metrics) -> Snapshot {
+        let pools: Vec<PoolRt> = config.pools.iter().map(build_pool).collect();
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| RouteRt {
+                name: r.name.clone(),
+                blue: r.blue.clone(),
+                duration: metrics.request_duration.with_label_values(&[&r.name]),
+                blue_requests: r
+                    .blue
+                    .iter()
+                    .map(|p| {
+                        CODE_CLASSES.map(|c| {
+                            metrics.requests.with_label_values(&[
+                                &r.name,
+                                "blue",
+                                &config.pools[*p].name,
+                                c,
+                            ])
+                        })
+                    })
+                    .collect(),
+            })
+            .collect();
+        let router = Router::new(
+            config
+                .routes
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (i, r.hosts.as_slice(), r.path_prefix.as_str())),
+        );
+        let (certs, hsts) = match &config.tls {
+            Some(t) => {
+                let entries: Vec<_> = t
+                    .certs
+                    .iter()
+                    .map(|c| (c.hosts.clone(), c.loaded.clone()))
+                    .collect();
+                (
+                    CertSet::new(&entries, t.min_version),
+                    (!t.hsts.is_empty()).then(|| t.hsts.clone()),
+                )
+            }
+            None => (CertSet::default(), None),
+        };
+        Snapshot {
+            generation,
+            loaded_at: SystemTime::now(),
+            config,
+            router,
+            routes,
+            pools,
+            certs: Arc::new(certs),
+            hsts,
+        }
+    }
+
+    pub fn listener(&self, addr: SocketAddr) -> Option<&Listener> {
+        self.config.listeners.iter().find(|l| l.listen == addr)
+    }
+}
+
+fn build_pool(p: &crate::config::Pool) -> PoolRt {
+    let backends = p
+        .backends
+        .iter()
+        .map(|b| {
+            let (tls, sni) = match &p.tls {
+                Some(t) => (
+                    true,
+                    t.sni.clone().unwrap_or_else(|| b.address.ip().to_string()),
+                ),
+                None => (false, String::new()),
+            };
+            let mut peer = HttpPeer::new(b.address, tls, sni);
+            let o = &mut peer.options;
+            o.connection_timeout = Some(p.connect_timeout);
+            o.total_connection_timeout = Some(p.connect_timeout * 2);
+            o.read_timeout = Some(p.read_timeout);
+            o.write_timeout = Some(p.read_timeout);
+            o.idle_timeout = Some(UPSTREAM_IDLE);
+            if p.http2 {
+                o.set_http_version(2, 2);
+                o.max_h2_streams = 100;
+            }
+            if let Some(t) = &p.tls {
+                o.ca = t.ca.clone();
+                peer.client_cert_key = t.client.clone();
+            }
+            BackendRt {
+                address: b.address,
+                peer,
+            }
+        })
+        .collect();
+    let weights: Vec<u32> = p.backends.iter().map(|b| b.weight).collect();
+    PoolRt {
+        name: p.name.clone(),
+        backends,
+        rr: SmoothRoundRobin::new(&weights),
+    }
+}
