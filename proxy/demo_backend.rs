@@ -5,6 +5,8 @@
 //! - `POST /_demo/fail`, `POST /_demo/recover`: every answer becomes 503 / normal again
 //! - `GET /_demo/sleep?ms=N`: answers after N milliseconds
 //! - `GET /_demo/headers`: the request's headers as JSON
+//!
+//! The control paths also work behind any prefix (`/api/_demo/sleep`).
 //! - anything else: 200 with the body `NAME\n` and header `x-backend: NAME`
 
 use std::convert::Infallible;
@@ -128,7 +130,13 @@ async fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let path = req.uri().path().to_string();
+    // Control paths work under any prefix (routes forward the path unchanged).
+    let full = req.uri().path();
+    let path = match full.find("/_demo/") {
+        Some(i) => full[i..].to_string(),
+        None if full.ends_with("/healthz") => "/healthz".to_string(),
+        None => full.to_string(),
+    };
     let query = req.uri().query().unwrap_or("").to_string();
     let name = state.name.as_str();
     match path.as_str() {

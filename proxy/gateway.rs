@@ -265,6 +265,10 @@ impl ProxyHttp for Gateway {
             HTTPStatus(c) if *c == 502 => (502, "no backend reachable\n"),
             HTTPStatus(c) => (*c, "error\n"),
             ConnectTimedout | ReadTimedout | WriteTimedout => (504, "backend timed out\n"),
+            ConnectRefused | ConnectNoRoute | ConnectError | ConnectProxyFailure
+            | TLSHandshakeFailure | TLSHandshakeTimedout | InvalidCert | HandshakeError => {
+                (502, "no backend reachable\n")
+            }
             _ => match e.esource() {
                 pingora::ErrorSource::Upstream => (502, "bad gateway\n"),
                 pingora::ErrorSource::Downstream => match e.etype() {

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use pingora::apps::{HttpServerOptions, ServerApp};
 use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::PreTlsProcess;
+use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::Stream;
 use pingora::proxy::{http_proxy, HttpProxy};
 use pingora::server::configuration::ServerConf;
@@ -26,7 +28,7 @@ use crate::admin::Admin;
 use crate::config::{self, Listener};
 use crate::gateway::Gateway;
 use crate::state::Shared;
-use crate::tls::SniResolver;
+use crate::tls::{hello, SniResolver};
 
 pub fn run(config_path: &Path) -> Result<(), String> {
     let cfg = config::load(config_path).map_err(|errs| {
@@ -143,7 +145,68 @@ fn add_endpoint(
         settings.enable_h2();
     }
     service.add_tls_with_settings(&addr, None, settings);
+    service
+        .endpoints()
+        .set_pre_tls_callback(Arc::new(VersionFloor {
+            shared: shared.clone(),
+        }));
     Ok(())
+}
+
+/// Enforces `tls.min_version = "1.3"` before rustls (which pingora builds with TLS 1.2 and 1.3)
+/// sees the connection: the ClientHello is read, put back, and a client that does not offer
+/// TLS 1.3 gets a `protocol_version` alert instead of a handshake.
+struct VersionFloor {
+    shared: Arc<Shared>,
+}
+
+/// How long a client may take to send its ClientHello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[async_trait]
+impl PreTlsProcess for VersionFloor {
+    async fn process(&self, stream: &mut L4Stream) -> pingora::Result<()> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        if !self.shared.snapshot().certs.requires_tls13() {
+            return Ok(());
+        }
+        let mut record = vec![0u8; hello::RECORD_HEADER];
+        let read = async {
+            stream.read_exact(&mut record).await?;
+            if let Some(len) = hello::record_len(&record) {
+                record.resize(hello::RECORD_HEADER + len, 0);
+                stream
+                    .read_exact(&mut record[hello::RECORD_HEADER..])
+                    .await?;
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        let outcome = tokio::time::timeout(HELLO_TIMEOUT, read).await;
+        // Whatever was read goes back for rustls to read again.
+        stream.rewind(&record);
+        match outcome {
+            Ok(Ok(())) => {}
+            _ => {
+                return Err(pingora::Error::explain(
+                    pingora::ErrorType::ReadError,
+                    "no ClientHello",
+                ))
+            }
+        }
+        if hello::offers_tls13(&record) == Some(false) {
+            // fatal alert: protocol_version (70)
+            let _ = stream
+                .write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 70])
+                .await;
+            let _ = stream.flush().await;
+            log::debug!("refused a client that does not offer TLS 1.3");
+            return Err(pingora::Error::explain(
+                pingora::ErrorType::TLSHandshakeFailure,
+                "client does not offer TLS 1.3 (tls.min_version = \"1.3\")",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Wraps the proxy app to count open downstream connections per listener.

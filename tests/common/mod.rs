@@ -1,0 +1,287 @@
+//! Test harness: real `sluice` processes and real demo backends on free loopback ports,
+//! readiness waits instead of sleeps, and processes killed by PID when a test ends.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_sluice");
+
+/// A port that was free a moment ago (the OS hands out ephemeral ports round-robin, so
+/// parallel tests do not collide in practice).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+pub fn wait_for_port(addr: SocketAddr, timeout: Duration) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+/// A child process killed (SIGKILL) by PID on drop.
+pub struct Proc {
+    pub child: Child,
+    pub stderr_path: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on a PID we spawned and still own.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+    /// Waits up to `timeout` for the process to exit; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(args: &[&str], dir: &Path, tag: &str) -> Proc {
+    let stderr_path = dir.join(format!("{tag}.stderr"));
+    let stdout_path = dir.join(format!("{tag}.stdout"));
+    let child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&stdout_path).expect("stdout file"))
+        .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
+        .spawn()
+        .expect("spawn sluice");
+    Proc { child, stderr_path }
+}
+
+/// A running demo backend.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub name: String,
+    pub proc: Proc,
+}
+
+pub struct BackendTls<'a> {
+    pub cert: &'a Path,
+    pub key: &'a Path,
+    pub client_ca: Option<&'a Path>,
+}
+
+impl Backend {
+    pub fn start(dir: &Path, name: &str) -> Backend {
+        Self::start_with(dir, name, None)
+    }
+
+    pub fn start_with(dir: &Path, name: &str, tls: Option<BackendTls>) -> Backend {
+        let addr = free_addr();
+        let listen = addr.to_string();
+        let mut args = vec!["demo-backend", "--listen", &listen, "--name", name];
+        let (c, k, ca);
+        if let Some(t) = &tls {
+            c = t.cert.display().to_string();
+            k = t.key.display().to_string();
+            args.extend(["--tls-cert", &c, "--tls-key", &k]);
+            if let Some(p) = t.client_ca {
+                ca = p.display().to_string();
+                args.extend(["--client-ca", &ca]);
+            }
+        }
+        let proc = spawn(&args, dir, &format!("backend-{name}"));
+        assert!(
+            wait_for_port(addr, Duration::from_secs(10)),
+            "backend {name} did not start: {}",
+            proc.stderr()
+        );
+        Backend {
+            addr,
+            name: name.to_string(),
+            proc,
+        }
+    }
+}
+
+/// A running gateway with its temp dir, admin address and listener addresses.
+pub struct Sluice {
+    pub proc: Proc,
+    pub admin: SocketAddr,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+}
+
+impl Sluice {
+    /// Writes `config` (with `{admin}` replaced by a free admin address) to `dir/sluice.toml`,
+    /// starts the gateway and waits until `/readyz` says 200.
+    pub fn start(dir: &Path, config: &str) -> Sluice {
+        let admin = free_addr();
+        let text = config.replace("{admin}", &admin.to_string());
+        let path = dir.join("sluice.toml");
+        std::fs::write(&path, text).expect("write config");
+        let proc = spawn(&["run", "-c", &path.display().to_string()], dir, "sluice");
+        let mut s = Sluice {
+            proc,
+            admin,
+            dir: dir.to_path_buf(),
+            config: path,
+        };
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            if s.admin_get("/readyz").map(|(c, _)| c) == Some(200) {
+                break;
+            }
+            if let Ok(Some(status)) = s.proc.child.try_wait() {
+                panic!("sluice exited with {status}: {}", s.proc.stderr());
+            }
+            assert!(
+                Instant::now() < end,
+                "sluice not ready: {}",
+                s.proc.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
+    /// A minimal blocking HTTP/1.1 GET against the admin listener: (status, body).
+    pub fn admin_get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(self.admin, path)
+    }
+
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.join("sluice.stdout")).unwrap_or_default()
+    }
+
+    /// Waits (up to 5 s) until stdout satisfies `pred`; returns stdout either way.
+    pub fn wait_stdout(&self, pred: impl Fn(&str) -> bool) -> String {
+        let end = Instant::now() + Duration::from_secs(5);
+        loop {
+            let out = self.stdout();
+            if pred(&out) || Instant::now() > end {
+                return out;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Blocking HTTP/1.1 GET with `Connection: close`: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::Write;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split(' ').nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((code, body))
+}
+
+/// A test CA and certificates it signs, written as PEM files.
+pub struct Ca {
+    pub cert: rcgen::Certificate,
+    pub key: rcgen::KeyPair,
+    pub pem_path: PathBuf,
+}
+
+impl Ca {
+    pub fn new(dir: &Path, name: &str) -> Ca {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("sluice test CA {name}"));
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("ca");
+        let pem_path = dir.join(format!("{name}-ca.pem"));
+        std::fs::write(&pem_path, cert.pem()).expect("write ca");
+        Ca {
+            cert,
+            key,
+            pem_path,
+        }
+    }
+
+    /// Issues a leaf for `names`; returns (cert path, key path).
+    pub fn issue(&self, dir: &Path, file: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .expect("params");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &self.cert, &self.key).expect("sign");
+        let (cp, kp) = (
+            dir.join(format!("{file}.crt")),
+            dir.join(format!("{file}.key")),
+        );
+        std::fs::write(&cp, cert.pem()).expect("write");
+        std::fs::write(&kp, key.serialize_pem()).expect("write");
+        (cp, kp)
+    }
+
+    pub fn reqwest_cert(&self) -> reqwest::Certificate {
+        reqwest::Certificate::from_pem(self.cert.pem().as_bytes()).expect("ca pem")
+    }
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("sluice-test-")
+        .tempdir()
+        .expect("tempdir")
+}
+
+/// A reqwest client that never pools connections (each request is its own connection),
+/// trusting `ca` when given.
+pub fn client(ca: Option<&Ca>) -> reqwest::Client {
+    let mut b = reqwest::Client::builder()
+        .use_rustls_tls()
+        .timeout(Duration::from_secs(20))
+        .redirect(reqwest::redirect::Policy::none());
+    if let Some(ca) = ca {
+        b = b.add_root_certificate(ca.reqwest_cert());
+    }
+    b.build().expect("client")
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}

@@ -1,0 +1,715 @@
+//! Acceptance tests for the core gateway: real `sluice`, real backends, real TLS, h2 and h2c.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use common::*;
+use reqwest::Version;
+
+/// A gateway with a plain listener (h1 + h2c) and a TLS listener (h2 + h1) in front of `pools`
+/// (name, backends) with one catch-all route on the first pool, unless `routes` is given.
+struct Setup {
+    plain: SocketAddr,
+    tls: SocketAddr,
+    ca: Ca,
+    sluice: Sluice,
+}
+
+fn toml_list(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(|a| format!("\"{a}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn gateway(dir: &std::path::Path, body: &str) -> Setup {
+    let ca = Ca::new(dir, "front");
+    let (cert, key) = ca.issue(dir, "front", &["localhost", "shop.test", "api.test"]);
+    let plain = free_addr();
+    let tls = free_addr();
+    let config = format!(
+        r#"
+[server]
+threads = 2
+grace_period = "5s"
+drain_delay = "100ms"
+access_log = "stdout"
+
+[admin]
+listen = "{{admin}}"
+
+[tls]
+min_version = "1.3"
+hsts = "max-age=63072000"
+
+[[tls.cert]]
+hosts = ["localhost", "shop.test", "api.test"]
+cert = "{cert}"
+key = "{key}"
+
+[[listener]]
+listen = "{plain}"
+tls = false
+http2 = true
+
+[[listener]]
+listen = "{tls}"
+tls = true
+http2 = true
+{body}
+"#,
+        cert = cert.display(),
+        key = key.display(),
+    );
+    let sluice = Sluice::start(dir, &config);
+    Setup {
+        plain,
+        tls,
+        ca,
+        sluice,
+    }
+}
+
+fn one_pool(backends: &[SocketAddr], extra: &str) -> String {
+    format!(
+        r#"
+[[pool]]
+name = "p"
+backends = [{}]
+connect_timeout = "500ms"
+read_timeout = "5s"
+{extra}
+
+[[route]]
+name = "all"
+hosts = ["*"]
+path_prefix = "/"
+blue = ["p"]
+"#,
+        toml_list(backends)
+    )
+}
+
+async fn get_text(c: &reqwest::Client, url: &str) -> (u16, Version, String) {
+    let r = c.get(url).send().await.expect("request");
+    let (s, v) = (r.status().as_u16(), r.version());
+    (s, v, r.text().await.expect("body"))
+}
+
+#[test]
+fn http1_round_robin_is_exactly_even() {
+    let dir = tempdir();
+    let b1 = Backend::start(dir.path(), "b1");
+    let b2 = Backend::start(dir.path(), "b2");
+    let s = gateway(dir.path(), &one_pool(&[b1.addr, b2.addr], ""));
+    runtime().block_on(async {
+        let c = client(None);
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for _ in 0..100 {
+            let (code, v, body) = get_text(&c, &format!("http://{}/", s.plain)).await;
+            assert_eq!(code, 200);
+            assert_eq!(v, Version::HTTP_11);
+            *counts.entry(body.trim().to_string()).or_default() += 1;
+        }
+        assert_eq!(counts.get("b1"), Some(&50), "{counts:?}");
+        assert_eq!(counts.get("b2"), Some(&50), "{counts:?}");
+    });
+}
+
+#[test]
+fn h2_over_tls_with_alpn_and_hsts() {
+    let dir = tempdir();
+    let b1 = Backend::start(dir.path(), "b1");
+    let s = gateway(dir.path(), &one_pool(&[b1.addr], ""));
+    runtime().block_on(async {
+        let c = reqwest::Client::builder()
+            .use_rustls_tls()
+            .add_root_certificate(s.ca.reqwest_cert())
+            .resolve("shop.test", s.tls)
+            .build()
+            .expect("client");
+        let r = c
+            .get(format!("https://shop.test:{}/", s.tls.port()))
+            .send()
+            .await
+            .expect("h2 request");
+        assert_eq!(r.version(), Version::HTTP_2, "ALPN must pick h2");
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.headers()
+                .get("strict-transport-security")
+                .and_then(|v| v.to_str().ok()),
+            Some("max-age=63072000")
+        );
+        assert_eq!(r.text().await.expect("body"), "b1\n");
+        // an HTTP/1.1-only client negotiates http/1.1 through ALPN on the same listener
+        let c1 = reqwest::Client::builder()
+            .use_rustls_tls()
+            .http1_only()
+            .add_root_certificate(s.ca.reqwest_cert())
+            .resolve("shop.test", s.tls)
+            .build()
+            .expect("client");
+        let r = c1
+            .get(format!("https://shop.test:{}/", s.tls.port()))
+            .send()
+            .await
+            .expect("h1 request");
+        assert_eq!(r.version(), Version::HTTP_11);
+        assert_eq!(r.status(), 200);
+        // the plain listener sends no HSTS
+        let r = client(None)
+            .get(format!("http://{}/", s.plain))
+            .send()
+            .await
+            .expect("plain");
+        assert!(r.headers().get("strict-transport-security").is_none());
+    });
+}
+
+#[test]
+fn h2c_prior_knowledge() {
+    let dir = tempdir();
+    let b1 = Backend::start(dir.path(), "b1");
+    let s = gateway(dir.path(), &one_pool(&[b1.addr], ""));
+    runtime().block_on(async {
+        let c = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .build()
+            .expect("client");
+        let (code, v, body) = get_text(&c, &format!("http://{}/", s.plain)).await;
+        assert_eq!((code, v, body.as_str()), (200, Version::HTTP_2, "b1\n"));
+    });
+}
+
+/// Connects with the given SNI and returns the leaf certificate the server presented.
+async fn presented_cert(
+    addr: SocketAddr,
+    sni: &str,
+    ca: &Ca,
+    tls12_only: bool,
+) -> Result<Vec<u8>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(
+            ca.cert.der().to_vec(),
+        ))
+        .map_err(|e| e.to_string())?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let versions: &[&rustls::SupportedProtocolVersion] = if tls12_only {
+        &[&rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13, &rustls::version::TLS12]
+    };
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name =
+        rustls::pki_types::ServerName::try_from(sni.to_string()).map_err(|e| e.to_string())?;
+    let tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (_, conn) = tls.get_ref();
+    let certs = conn.peer_certificates().ok_or("no peer certificate")?;
+    Ok(certs[0].to_vec())
+}
+
+fn two_cert_gateway(
+    dir: &std::path::Path,
+    min_version: &str,
+) -> (SocketAddr, Ca, Vec<u8>, Vec<u8>, Sluice, Backend) {
+    let b1 = Backend::start(dir, "b1");
+    let ca = Ca::new(dir, "sni");
+    let (a_cert, a_key) = ca.issue(dir, "alpha", &["alpha.test"]);
+    let (w_cert, w_key) = ca.issue(dir, "wild", &["*.wild.test"]);
+    let tls = free_addr();
+    let config = format!(
+        r#"
+[admin]
+listen = "{{admin}}"
+[tls]
+min_version = "{min_version}"
+[[tls.cert]]
+hosts = ["alpha.test"]
+cert = "{ac}"
+key = "{ak}"
+[[tls.cert]]
+hosts = ["*.wild.test"]
+cert = "{wc}"
+key = "{wk}"
+[[listener]]
+listen = "{tls}"
+tls = true
+http2 = true
+{pool}
+"#,
+        ac = a_cert.display(),
+        ak = a_key.display(),
+        wc = w_cert.display(),
+        wk = w_key.display(),
+        pool = one_pool(&[b1.addr], ""),
+    );
+    let s = Sluice::start(dir, &config);
+    let der = |p: &std::path::Path| {
+        let pem = std::fs::read(p).expect("read");
+        let first = rustls_pemfile::certs(&mut pem.as_slice())
+            .next()
+            .expect("one cert")
+            .expect("pem");
+        first.to_vec()
+    };
+    (tls, ca, der(&a_cert), der(&w_cert), s, b1)
+}
+
+#[test]
+fn sni_selects_exact_wildcard_and_default_certificates() {
+    let dir = tempdir();
+    let (tls, ca, alpha, wild, _s, _b) = two_cert_gateway(dir.path(), "1.3");
+    runtime().block_on(async {
+        assert_eq!(
+            presented_cert(tls, "alpha.test", &ca, false).await,
+            Ok(alpha.clone())
+        );
+        assert_eq!(
+            presented_cert(tls, "x.wild.test", &ca, false).await,
+            Ok(wild.clone())
+        );
+        // an unknown name gets the first certificate, which then fails the client's name check
+        let err = presented_cert(tls, "other.test", &ca, false).await;
+        assert!(
+            err.is_err(),
+            "default cert must not be valid for other.test"
+        );
+    });
+}
+
+#[test]
+fn tls12_only_client_is_refused_when_min_version_is_13() {
+    let dir = tempdir();
+    let (tls, ca, alpha, _w, s, _b) = two_cert_gateway(dir.path(), "1.3");
+    runtime().block_on(async {
+        let r = presented_cert(tls, "alpha.test", &ca, true).await;
+        assert!(r.is_err(), "TLS 1.2-only handshake must fail, got {r:?}");
+        assert_eq!(
+            presented_cert(tls, "alpha.test", &ca, false).await,
+            Ok(alpha)
+        );
+    });
+    drop(s);
+    // with min_version = "1.2" the same client gets in: the refusal above is the floor's doing
+    let dir2 = tempdir();
+    let (tls, ca, alpha, _w, _s, _b) = two_cert_gateway(dir2.path(), "1.2");
+    runtime().block_on(async {
+        assert_eq!(
+            presented_cert(tls, "alpha.test", &ca, true).await,
+            Ok(alpha)
+        );
+    });
+}
+
+#[test]
+fn host_and_longest_path_prefix_routing() {
+    let dir = tempdir();
+    let shop = Backend::start(dir.path(), "shop");
+    let api = Backend::start(dir.path(), "api");
+    let v2 = Backend::start(dir.path(), "api-v2");
+    let wild = Backend::start(dir.path(), "wild");
+    let body = format!(
+        r#"
+[[pool]]
+name = "shop"
+backends = ["{}"]
+[[pool]]
+name = "api"
+backends = ["{}"]
+[[pool]]
+name = "v2"
+backends = ["{}"]
+[[pool]]
+name = "wild"
+backends = ["{}"]
+[[route]]
+name = "shop"
+hosts = ["shop.test"]
+blue = ["shop"]
+[[route]]
+name = "api"
+hosts = ["api.test", "shop.test"]
+path_prefix = "/api"
+blue = ["api"]
+[[route]]
+name = "api-v2"
+hosts = ["api.test"]
+path_prefix = "/api/v2"
+blue = ["v2"]
+[[route]]
+name = "wild"
+hosts = ["*.example.test"]
+path_prefix = "/"
+blue = ["wild"]
+"#,
+        shop.addr, api.addr, v2.addr, wild.addr
+    );
+    let s = gateway(dir.path(), &body);
+    runtime().block_on(async {
+        let c = client(None);
+        let cases = [
+            ("shop.test", "/", 200, "shop"),
+            ("shop.test", "/cart", 200, "shop"),
+            ("shop.test", "/api/x", 200, "api"),
+            ("shop.test", "/apix", 200, "shop"),
+            ("api.test", "/api", 200, "api"),
+            ("api.test", "/api/v2/users", 200, "api-v2"),
+            ("a.example.test", "/", 200, "wild"),
+            ("SHOP.TEST:80", "/", 200, "shop"),
+            ("api.test", "/", 404, ""),
+            ("unknown.test", "/", 404, ""),
+        ];
+        for (host, path, code, want) in cases {
+            let r = c
+                .get(format!("http://{}{path}", s.plain))
+                .header("host", host)
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(r.status().as_u16(), code, "{host}{path}");
+            let body = r.text().await.expect("body");
+            if code == 200 {
+                assert_eq!(body.trim(), want, "{host}{path}");
+            } else {
+                assert!(body.contains("no route"), "{body}");
+            }
+        }
+    });
+}
+
+#[test]
+fn errors_502_when_unreachable_and_504_on_timeout() {
+    let dir = tempdir();
+    let slow = Backend::start(dir.path(), "slow");
+    let dead = free_addr();
+    let body = format!(
+        r#"
+[[pool]]
+name = "dead"
+backends = ["{dead}"]
+connect_timeout = "300ms"
+[[pool]]
+name = "slow"
+backends = ["{}"]
+read_timeout = "300ms"
+[[route]]
+name = "dead"
+hosts = ["*"]
+path_prefix = "/dead"
+blue = ["dead"]
+[[route]]
+name = "slow"
+hosts = ["*"]
+path_prefix = "/"
+blue = ["slow"]
+"#,
+        slow.addr
+    );
+    let s = gateway(dir.path(), &body);
+    runtime().block_on(async {
+        let c = client(None);
+        let (code, _, body) = get_text(&c, &format!("http://{}/dead", s.plain)).await;
+        assert_eq!(code, 502);
+        assert!(body.contains("no backend reachable"), "{body}");
+        let (code, _, body) =
+            get_text(&c, &format!("http://{}/_demo/sleep?ms=3000", s.plain)).await;
+        assert_eq!(code, 504);
+        assert!(body.contains("timed out"), "{body}");
+        let (code, _, _) = get_text(&c, &format!("http://{}/_demo/sleep?ms=10", s.plain)).await;
+        assert_eq!(code, 200);
+    });
+}
+
+#[test]
+fn forwarded_headers_reach_the_backend() {
+    let dir = tempdir();
+    let b1 = Backend::start(dir.path(), "b1");
+    let s = gateway(dir.path(), &one_pool(&[b1.addr], ""));
+    runtime().block_on(async {
+        let c = reqwest::Client::builder()
+            .use_rustls_tls()
+            .add_root_certificate(s.ca.reqwest_cert())
+            .resolve("shop.test", s.tls)
+            .build()
+            .expect("client");
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let r = c
+            .get(format!("https://shop.test:{}/_demo/headers", s.tls.port()))
+            .header("x-forwarded-for", "203.0.113.9")
+            .header("x-request-id", "req-42")
+            .header("traceparent", tp)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(
+            r.headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok()),
+            Some("req-42")
+        );
+        let v: serde_json::Value = r.json().await.expect("json");
+        let h = &v["headers"];
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], format!("shop.test:{}", s.tls.port()));
+        assert_eq!(h["x-request-id"], "req-42");
+        assert_eq!(h["traceparent"], tp);
+        assert_eq!(h["host"], format!("shop.test:{}", s.tls.port()));
+
+        // without a request id one is generated, sent upstream and returned
+        let r = client(None)
+            .get(format!("http://{}/_demo/headers", s.plain))
+            .send()
+            .await
+            .expect("request");
+        let returned = r
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
+        let v: serde_json::Value = r.json().await.expect("json");
+        let sent = v["headers"]["x-request-id"].as_str().map(String::from);
+        assert_eq!(sent.as_ref().map(|s| s.len()), Some(32));
+        assert_eq!(sent, returned);
+        assert_eq!(v["headers"]["x-forwarded-proto"], "http");
+        assert_eq!(v["headers"]["x-forwarded-for"], "127.0.0.1");
+    });
+}
+
+#[test]
+fn one_retry_on_another_backend_when_connect_fails() {
+    let dir = tempdir();
+    let live = Backend::start(dir.path(), "live");
+    let dead = free_addr();
+    let s = gateway(dir.path(), &one_pool(&[dead, live.addr], ""));
+    runtime().block_on(async {
+        let c = client(None);
+        for i in 0..20 {
+            // POST too: nothing reached the dead backend, so a retry is safe for any method
+            let r = if i % 2 == 0 {
+                c.get(format!("http://{}/", s.plain)).send().await
+            } else {
+                c.post(format!("http://{}/", s.plain))
+                    .body("x=1")
+                    .send()
+                    .await
+            }
+            .expect("request");
+            assert_eq!(r.status(), 200, "request {i}");
+            assert_eq!(r.text().await.expect("body"), "live\n");
+        }
+    });
+    let log = s.sluice.wait_stdout(|o| o.lines().count() >= 20);
+    assert_eq!(log.lines().count(), 20, "{log}");
+    assert!(
+        log.contains("\"retries\":1"),
+        "access log shows the retries: {log}"
+    );
+}
+
+#[test]
+fn redirect_https_answers_308() {
+    let dir = tempdir();
+    let b1 = Backend::start(dir.path(), "b1");
+    let redirect = free_addr();
+    let extra = format!(
+        "{}\n[[listener]]\nlisten = \"{redirect}\"\ntls = false\nredirect_https = 8443\n",
+        one_pool(&[b1.addr], "")
+    );
+    let s = gateway(dir.path(), &extra);
+    runtime().block_on(async {
+        let r = client(None)
+            .get(format!("http://{redirect}/a/b?c=d"))
+            .header("host", "shop.test")
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), 308);
+        assert_eq!(
+            r.headers().get("location").and_then(|v| v.to_str().ok()),
+            Some("https://shop.test:8443/a/b?c=d")
+        );
+        // the other plain listener still proxies
+        let (code, _, _) = get_text(&client(None), &format!("http://{}/", s.plain)).await;
+        assert_eq!(code, 200);
+    });
+}
+
+#[test]
+fn upstream_mtls_and_h2() {
+    let dir = tempdir();
+    let ca = Ca::new(dir.path(), "internal");
+    let (srv_cert, srv_key) = ca.issue(dir.path(), "backend", &["backend.internal"]);
+    let (cli_cert, cli_key) = ca.issue(dir.path(), "client", &["sluice.internal"]);
+    let secure = Backend::start_with(
+        dir.path(),
+        "secure",
+        Some(BackendTls {
+            cert: &srv_cert,
+            key: &srv_key,
+            client_ca: Some(&ca.pem_path),
+        }),
+    );
+    let h2c = Backend::start(dir.path(), "h2c");
+    let body = format!(
+        r#"
+[[pool]]
+name = "mtls"
+backends = ["{secure}"]
+http2 = true
+tls = {{ sni = "backend.internal", ca = "{ca}", cert = "{cc}", key = "{ck}" }}
+[[pool]]
+name = "nocert"
+backends = ["{secure}"]
+tls = {{ sni = "backend.internal", ca = "{ca}" }}
+[[pool]]
+name = "wrongname"
+backends = ["{secure}"]
+tls = {{ sni = "other.internal", ca = "{ca}", cert = "{cc}", key = "{ck}" }}
+[[pool]]
+name = "h2c"
+backends = ["{h2c}"]
+http2 = true
+[[route]]
+name = "mtls"
+hosts = ["*"]
+path_prefix = "/mtls"
+blue = ["mtls"]
+[[route]]
+name = "nocert"
+hosts = ["*"]
+path_prefix = "/nocert"
+blue = ["nocert"]
+[[route]]
+name = "wrongname"
+hosts = ["*"]
+path_prefix = "/wrongname"
+blue = ["wrongname"]
+[[route]]
+name = "h2c"
+hosts = ["*"]
+path_prefix = "/"
+blue = ["h2c"]
+"#,
+        secure = secure.addr,
+        h2c = h2c.addr,
+        ca = ca.pem_path.display(),
+        cc = cli_cert.display(),
+        ck = cli_key.display(),
+    );
+    let s = gateway(dir.path(), &body);
+    runtime().block_on(async {
+        let c = client(None);
+        let (code, _, body) = get_text(&c, &format!("http://{}/mtls/_demo/headers", s.plain)).await;
+        assert_eq!(code, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(v["backend"], "secure");
+        assert_eq!(v["version"], "HTTP/2.0", "h2 over TLS to the backend");
+        // the backend demands a client certificate: without one the connection fails
+        let (code, _, _) = get_text(&c, &format!("http://{}/nocert", s.plain)).await;
+        assert_eq!(code, 502);
+        // certificate verification is real: a name the backend's cert does not carry fails
+        let (code, _, _) = get_text(&c, &format!("http://{}/wrongname", s.plain)).await;
+        assert_eq!(code, 502);
+        let (code, _, body) = get_text(&c, &format!("http://{}/_demo/headers", s.plain)).await;
+        assert_eq!(code, 200);
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(v["version"], "HTTP/2.0", "h2c to the backend");
+    });
+}
+
+#[test]
+fn admin_probes_metrics_and_status() {
+    let dir = tempdir();
+    let b1 = Backend::start(dir.path(), "b1");
+    let s = gateway(dir.path(), &one_pool(&[b1.addr], ""));
+    runtime().block_on(async {
+        let c = client(None);
+        for _ in 0..3 {
+            get_text(&c, &format!("http://{}/", s.plain)).await;
+        }
+    });
+    let sl = &s.sluice;
+    assert_eq!(sl.admin_get("/healthz").map(|r| r.0), Some(200));
+    assert_eq!(sl.admin_get("/readyz").map(|r| r.0), Some(200));
+    let (code, metrics) = sl.admin_get("/metrics").expect("metrics");
+    assert_eq!(code, 200);
+    assert!(
+        metrics
+            .contains(r#"sluice_requests_total{code="2xx",color="blue",pool="p",route="all"} 3"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"sluice_request_duration_seconds_count{route="all"} 3"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sluice_downstream_connections{listener="),
+        "{metrics}"
+    );
+    assert!(metrics.contains("sluice_config_generation 1"), "{metrics}");
+    let (code, status) = sl.admin_get("/status").expect("status");
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&status).expect("json");
+    assert_eq!(v["config"]["generation"], 1);
+    assert_eq!(v["config"]["sha256"].as_str().map(str::len), Some(64));
+    assert!(v["config"]["last_error"].is_null());
+    assert_eq!(v["pools"][0]["name"], "p");
+    assert_eq!(v["pools"][0]["backends"][0]["address"], b1.addr.to_string());
+    assert_eq!(v["routes"][0]["name"], "all");
+    assert_eq!(sl.admin_get("/routes/all").map(|r| r.0), Some(200));
+    assert_eq!(sl.admin_get("/routes/nope").map(|r| r.0), Some(404));
+    assert_eq!(sl.admin_get("/nope").map(|r| r.0), Some(404));
+    // access log: one JSON object per request with the contract's fields
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let lines = loop {
+        let out = sl.stdout();
+        let lines: Vec<serde_json::Value> = out
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        if lines.len() >= 3 || std::time::Instant::now() > end {
+            break lines;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(lines.len(), 3);
+    for key in [
+        "time",
+        "client",
+        "method",
+        "host",
+        "path",
+        "status",
+        "bytes",
+        "duration_ms",
+        "route",
+        "backend",
+        "request_id",
+    ] {
+        assert!(
+            !lines[0][key].is_null(),
+            "access log lacks {key}: {}",
+            lines[0]
+        );
+    }
+    assert_eq!(lines[0]["status"], 200);
+    assert_eq!(lines[0]["backend"], b1.addr.to_string());
+}
