@@ -1,0 +1,54 @@
+# sluice — `make run` starts the demo, `make test` runs every test (what CI runs).
+SHELL := /bin/bash
+CARGO ?= cargo
+# `make run` uses the optimised build; PROFILE=dev reuses the test build (faster to compile).
+PROFILE ?= release
+TARGET_DIR := target/$(if $(filter dev,$(PROFILE)),debug,$(PROFILE))
+BIN := $(TARGET_DIR)/sluice
+CONFIG ?= config/sluice.toml
+
+.PHONY: run test deps build check-config fmt lint clean
+
+# Install what the build needs when it is missing (cmake for pingora's zlib-ng).
+deps:
+	@command -v $(CARGO) >/dev/null || { echo "error: cargo not found; install the Rust toolchain (https://rustup.rs)"; exit 1; }
+	@if ! command -v cmake >/dev/null; then \
+	  echo "cmake is missing (pingora needs it); installing it with apt-get"; \
+	  if ! command -v apt-get >/dev/null; then echo "error: no apt-get here: install cmake with your package manager"; exit 1; fi; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq cmake >/dev/null \
+	    || { echo "error: could not install cmake; install it by hand"; exit 1; }; \
+	fi
+
+build: deps
+	$(CARGO) build --profile $(PROFILE) --bin sluice
+
+# The demo: a dev certificate, two demo backends on 127.0.0.1:9001/9002, and the gateway on
+# https://localhost:8443 (h2 + http/1.1), http://localhost:8080 (h1 + h2c), admin 127.0.0.1:9900.
+# Ctrl-C stops everything.
+run: build
+	@$(BIN) gen-cert --cert certs/dev.crt --key certs/dev.key
+	@set -m; pids=(); \
+	trap 'kill $${pids[@]} 2>/dev/null; wait 2>/dev/null' EXIT; \
+	$(BIN) demo-backend --listen 127.0.0.1:9001 --name backend-1 & pids+=($$!); \
+	$(BIN) demo-backend --listen 127.0.0.1:9002 --name backend-2 & pids+=($$!); \
+	echo "sluice demo: curl -k https://localhost:8443/   (admin: curl http://127.0.0.1:9900/status)"; \
+	$(BIN) run -c $(CONFIG) & pids+=($$!); \
+	trap 'kill -TERM $${pids[2]} 2>/dev/null; wait $${pids[2]} 2>/dev/null; kill $${pids[@]} 2>/dev/null; wait 2>/dev/null' INT TERM EXIT; \
+	wait $${pids[2]}
+
+test: deps
+	$(CARGO) test --all-targets
+
+check-config: build
+	$(BIN) check -c $(CONFIG)
+
+fmt:
+	$(CARGO) fmt
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean

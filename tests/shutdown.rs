@@ -1,0 +1,124 @@
+//! Graceful shutdown under load: SIGTERM flips /readyz at once, listeners keep serving for
+//! drain_delay, a request in flight completes, and the process exits 0 within
+//! drain_delay + grace_period.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[test]
+fn sigterm_drains_then_finishes_in_flight_requests_and_exits_zero() {
+    let dir = tempdir();
+    let backend = Backend::start(dir.path(), "b1");
+    let listen = free_addr();
+    let config = format!(
+        r#"
+[server]
+threads = 2
+grace_period = "6s"
+drain_delay = "1s"
+[admin]
+listen = "{{admin}}"
+[[listener]]
+listen = "{listen}"
+[[pool]]
+name = "p"
+backends = ["{}"]
+[[route]]
+name = "all"
+hosts = ["*"]
+blue = ["p"]
+"#,
+        backend.addr
+    );
+    let mut s = Sluice::start(dir.path(), &config);
+    let rt = runtime();
+
+    // load: 4 clients looping; each result is kept with the time it started
+    let stop = Arc::new(AtomicBool::new(false));
+    let results: Arc<Mutex<Vec<(Instant, bool)>>> = Arc::default();
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (stop, results) = (stop.clone(), results.clone());
+        load.push(rt.spawn(async move {
+            let c = client(None);
+            while !stop.load(Ordering::SeqCst) {
+                let t = Instant::now();
+                let ok = matches!(
+                    c.get(format!("http://{listen}/")).send().await,
+                    Ok(r) if r.status() == 200
+                );
+                results.lock().expect("lock").push((t, ok));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+    // a request that takes 2 s, in flight when SIGTERM arrives
+    let slow = rt.spawn(async move {
+        client(None)
+            .get(format!("http://{listen}/_demo/sleep?ms=2000"))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = Instant::now();
+    s.proc.signal(libc::SIGTERM);
+
+    // /readyz answers 503 at once (well inside the 1 s drain delay)
+    let mut flipped = None;
+    while sent.elapsed() < Duration::from_millis(800) {
+        if s.admin_get("/readyz").map(|r| r.0) == Some(503) {
+            flipped = Some(sent.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        flipped.is_some(),
+        "/readyz did not flip to 503 during the drain delay"
+    );
+
+    let slow_status = rt.block_on(slow).expect("join");
+    assert_eq!(
+        slow_status.ok(),
+        Some(200),
+        "the in-flight request must complete"
+    );
+
+    let code = s
+        .proc
+        .wait_exit(Duration::from_secs(7) + Duration::from_millis(500));
+    let elapsed = sent.elapsed();
+    assert_eq!(code, Some(0), "exit code; stderr: {}", s.proc.stderr());
+    assert!(elapsed < Duration::from_secs(7), "exited after {elapsed:?}");
+
+    stop.store(true, Ordering::SeqCst);
+    for l in load {
+        let _ = rt.block_on(l);
+    }
+    // every request started before the drain delay ran out was served
+    let results = results.lock().expect("lock");
+    let during_drain: Vec<_> = results
+        .iter()
+        .filter(|(t, _)| *t < sent + Duration::from_millis(900))
+        .collect();
+    assert!(during_drain.len() > 20, "load ran: {}", during_drain.len());
+    let failed = during_drain.iter().filter(|(_, ok)| !ok).count();
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed before the drain delay ended",
+        during_drain.len()
+    );
+    assert!(
+        results
+            .iter()
+            .any(|(t, ok)| *t > sent && *t < sent + Duration::from_millis(900) && *ok),
+        "listeners must keep serving during the drain delay"
+    );
+}
