@@ -8,11 +8,13 @@
 //!
 //! The control paths also work behind any prefix (`/api/_demo/sleep`).
 //! - anything else: 200 with the body `NAME\n` and header `x-backend: NAME`
+//!
+//! Every answer carries `x-connection-id`, numbering the connections the backend accepted.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +40,7 @@ pub struct Options {
 struct State {
     name: String,
     failing: AtomicBool,
+    connections: AtomicU64,
 }
 
 pub fn run(opts: Options) -> Result<(), String> {
@@ -88,6 +91,7 @@ async fn serve(opts: Options) -> Result<(), String> {
     let state = Arc::new(State {
         name: opts.name.clone(),
         failing: AtomicBool::new(opts.fail),
+        connections: AtomicU64::new(0),
     });
     eprintln!("demo-backend {} listening on {}", opts.name, opts.listen);
     loop {
@@ -102,8 +106,17 @@ async fn serve(opts: Options) -> Result<(), String> {
         let _ = tcp.set_nodelay(true);
         let state = state.clone();
         let acceptor = acceptor.clone();
+        let conn = state.connections.fetch_add(1, Ordering::Relaxed) + 1;
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(state.clone(), req));
+            let svc = service_fn(move |req| {
+                let state = state.clone();
+                async move {
+                    let mut resp = handle(state, req).await?;
+                    resp.headers_mut()
+                        .insert("x-connection-id", hyper::header::HeaderValue::from(conn));
+                    Ok::<_, Infallible>(resp)
+                }
+            });
             let builder = auto::Builder::new(TokioExecutor::new());
             let result = match acceptor {
                 Some(a) => match a.accept(tcp).await {

@@ -139,7 +139,7 @@ fn broken_configs_name_file_line_and_key() {
             "cert = \"site.crt\"",
             "cert = \"missing.crt\"",
             "cert = \"missing.crt\"",
-            "does not exist",
+            "`tls.cert[0].cert`: file",
         ),
         (
             "cert = \"site.crt\"",

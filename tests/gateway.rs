@@ -713,3 +713,70 @@ fn admin_probes_metrics_and_status() {
     assert_eq!(lines[0]["status"], 200);
     assert_eq!(lines[0]["backend"], b1.addr.to_string());
 }
+
+#[test]
+fn upstream_connections_are_kept_alive() {
+    let dir = tempdir();
+    let b1 = Backend::start(dir.path(), "b1");
+    let s = gateway(dir.path(), &one_pool(&[b1.addr], ""));
+    runtime().block_on(async {
+        let mut ids = std::collections::HashSet::new();
+        for _ in 0..30 {
+            // a new client connection each time: only the upstream side can reuse
+            let r = client(None)
+                .get(format!("http://{}/", s.plain))
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(r.status(), 200);
+            let id = r
+                .headers()
+                .get("x-connection-id")
+                .cloned()
+                .expect("connection id");
+            ids.insert(id);
+        }
+        // two worker threads may each hold a pooled connection
+        assert!(
+            ids.len() <= 2,
+            "30 requests used {} upstream connections",
+            ids.len()
+        );
+    });
+}
+
+#[test]
+fn access_log_to_a_file() {
+    let dir = tempdir();
+    let b1 = Backend::start(dir.path(), "b1");
+    let log = dir.path().join("access.jsonl");
+    let listen = free_addr();
+    let config = format!(
+        "[server]\naccess_log = \"access.jsonl\"\n[admin]\nlisten = \"{{admin}}\"\n[[listener]]\nlisten = \"{listen}\"\n{}",
+        one_pool(&[b1.addr], "")
+    );
+    let _s = Sluice::start(dir.path(), &config);
+    runtime().block_on(async {
+        let r = client(None)
+            .get(format!("http://{listen}/some/path?q=1"))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), 200);
+    });
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let text = loop {
+        let t = std::fs::read_to_string(&log).unwrap_or_default();
+        if !t.is_empty() || std::time::Instant::now() > end {
+            break t;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(text.lines().next().expect("a line")).expect("json");
+    assert_eq!(v["path"], "/some/path");
+    assert_eq!(v["method"], "GET");
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["route"], "all");
+    assert_eq!(v["client"], "127.0.0.1");
+}

@@ -272,12 +272,16 @@ impl<'a, 'i> Table<'a, 'i> {
         let mut out = Vec::new();
         for (i, item) in arr.iter().enumerate() {
             match item.get_ref().as_table() {
-                Some(t) => out.push(Table::new(t, item.span(), format!("{}[{}]", key, i))),
+                Some(t) => out.push(Table::new(
+                    t,
+                    item.span(),
+                    format!("{}[{}]", self.key_name(key), i),
+                )),
                 None => d.error(
                     &item.span(),
                     format!(
                         "`{}[{}]` must be a table, found {}",
-                        key,
+                        self.key_name(key),
                         i,
                         item.get_ref().type_str()
                     ),
