@@ -20,8 +20,12 @@ deps:
 	    || { echo "error: could not install cmake; install it by hand"; exit 1; }; \
 	fi
 
+# With PROFILE=dev, build the way `cargo test` does (dev-dependencies change the feature set of
+# shared crates), so that `make test` and `make run PROFILE=dev` reuse one build.
+BUILD_FLAGS := $(if $(filter dev,$(PROFILE)),--all-targets,--bin sluice)
+
 build: deps
-	$(CARGO) build --profile $(PROFILE) --bin sluice
+	$(CARGO) build --profile $(PROFILE) $(BUILD_FLAGS)
 
 # The demo: a dev certificate, two demo backends on 127.0.0.1:9001/9002, and the gateway on
 # https://localhost:8443 (h2 + http/1.1), http://localhost:8080 (h1 + h2c), admin 127.0.0.1:9900.

@@ -1,7 +1,7 @@
 //! The request path: route, pick a backend, forward with the standard headers, answer errors
 //! with short bodies, and record metrics and the access log.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -19,11 +19,9 @@ use crate::router::normalize_host;
 use crate::snapshot::Snapshot;
 use crate::state::{InflightGuard, Shared};
 
-/// One gateway per listener: it knows the address and whether it terminates TLS.
+/// The request path for every listener; each request finds its listener from the connection.
 pub struct Gateway {
     pub shared: Arc<Shared>,
-    pub listen: SocketAddr,
-    pub tls: bool,
 }
 
 /// Per-request state.
@@ -39,6 +37,8 @@ pub struct Ctx {
     retries: u8,
     request_id: String,
     host: String,
+    /// The request arrived over TLS.
+    tls: bool,
     _inflight: Option<InflightGuard>,
 }
 
@@ -80,7 +80,7 @@ impl Gateway {
     }
 
     fn add_hsts(&self, h: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
-        if self.tls {
+        if ctx.tls {
             if let Some(v) = ctx.snap.as_ref().and_then(|s| s.hsts.as_deref()) {
                 h.insert_header("strict-transport-security", v)?;
             }
@@ -126,6 +126,7 @@ impl ProxyHttp for Gateway {
             retries: 0,
             request_id: String::new(),
             host: String::new(),
+            tls: false,
             _inflight: Some(self.shared.lifecycle.enter()),
         }
     }
@@ -136,8 +137,18 @@ impl ProxyHttp for Gateway {
         let req = session.req_header();
         ctx.request_id = request_id(req);
         ctx.host = normalize_host(request_host(req));
+        let digest = session.digest();
+        ctx.tls = digest.is_some_and(|d| d.ssl_digest.is_some());
+        let local = digest
+            .and_then(|d| d.socket_digest.as_ref())
+            .and_then(|s| s.local_addr())
+            .and_then(|a| a.as_inet())
+            .copied();
+        let redirect = local
+            .and_then(|a| snap.listener(a))
+            .and_then(|l| l.redirect_https);
 
-        if let Some(port) = snap.listener(self.listen).and_then(|l| l.redirect_https) {
+        if let Some(port) = redirect {
             let authority = if port == 443 {
                 ctx.host.clone()
             } else if ctx.host.contains(':') {
@@ -234,7 +245,7 @@ impl ProxyHttp for Gateway {
             };
             upstream.insert_header("x-forwarded-for", xff)?;
         }
-        upstream.insert_header("x-forwarded-proto", if self.tls { "https" } else { "http" })?;
+        upstream.insert_header("x-forwarded-proto", if ctx.tls { "https" } else { "http" })?;
         let host = request_host(session.req_header()).to_string();
         if !host.is_empty() {
             upstream.insert_header("x-forwarded-host", host.as_str())?;
@@ -334,7 +345,7 @@ impl ProxyHttp for Gateway {
             } else {
                 "HTTP/1.1"
             },
-            tls: self.tls,
+            tls: ctx.tls,
             status,
             bytes: session.body_bytes_sent(),
             duration_ms: elapsed.as_secs_f64() * 1000.0,

@@ -27,6 +27,7 @@ use prometheus::IntGauge;
 use crate::admin::Admin;
 use crate::config::{self, Listener};
 use crate::gateway::Gateway;
+use crate::snapshot::find_listener;
 use crate::state::Shared;
 use crate::tls::{hello, SniResolver};
 
@@ -71,28 +72,48 @@ pub fn run(config_path: &Path) -> Result<(), String> {
     server.bootstrap();
     let conf = server.configuration.clone();
 
-    for l in &listeners {
-        let gateway = Gateway {
-            shared: shared.clone(),
-            listen: l.listen,
-            tls: l.tls,
-        };
-        let mut proxy = http_proxy(&conf, gateway);
-        if l.http2 && !l.tls {
+    // One proxy service (one worker pool of `threads`) serves every listener. h2c is a
+    // per-service option in pingora, so plain listeners that differ on `http2` need a second one.
+    let plain_h2c = listeners.iter().any(|l| !l.tls && l.http2);
+    let plain_h1 = listeners.iter().any(|l| !l.tls && !l.http2);
+    let groups: Vec<(bool, Vec<&Listener>)> = if plain_h2c && plain_h1 {
+        let (h1, rest): (Vec<&Listener>, Vec<&Listener>) =
+            listeners.iter().partition(|l| !l.tls && !l.http2);
+        vec![(true, rest), (false, h1)]
+    } else {
+        vec![(plain_h2c, listeners.iter().collect())]
+    };
+    for (i, (h2c, group)) in groups.into_iter().enumerate() {
+        let mut proxy = http_proxy(
+            &conf,
+            Gateway {
+                shared: shared.clone(),
+            },
+        );
+        if h2c {
             let mut opts = HttpServerOptions::default();
             opts.h2c = true;
             proxy.server_options = Some(opts);
         }
         let app = Counted {
             inner: Arc::new(proxy),
-            gauge: shared
-                .metrics
-                .downstream_connections
-                .with_label_values(&[&l.listen.to_string()]),
+            gauges: group
+                .iter()
+                .map(|l| {
+                    let label = l.listen.to_string();
+                    let g = shared
+                        .metrics
+                        .downstream_connections
+                        .with_label_values(&[&label]);
+                    (l.listen, g)
+                })
+                .collect(),
         };
-        let mut service = Service::new(format!("listener {}", l.listen), app);
+        let mut service = Service::new(format!("proxy-{i}"), app);
         service.threads = Some(threads);
-        add_endpoint(&mut service, l, &shared)?;
+        for l in group {
+            add_endpoint(&mut service, l, &shared)?;
+        }
         server.add_service(service);
     }
 
@@ -212,7 +233,7 @@ impl PreTlsProcess for VersionFloor {
 /// Wraps the proxy app to count open downstream connections per listener.
 pub struct Counted {
     inner: Arc<HttpProxy<Gateway>>,
-    gauge: IntGauge,
+    gauges: Vec<(SocketAddr, IntGauge)>,
 }
 
 struct ConnGuard(IntGauge);
@@ -229,8 +250,15 @@ impl ServerApp for Counted {
         session: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        self.gauge.inc();
-        let _guard = ConnGuard(self.gauge.clone());
+        let local = session
+            .get_socket_digest()
+            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied());
+        let _guard = local
+            .and_then(|a| find_listener(&self.gauges, a, |g| g.0))
+            .map(|(_, g)| {
+                g.inc();
+                ConnGuard(g.clone())
+            });
         self.inner.process_new(session, shutdown).await
     }
 

@@ -109,9 +109,25 @@ impl Snapshot {
         }
     }
 
-    pub fn listener(&self, addr: SocketAddr) -> Option<&Listener> {
-        self.config.listeners.iter().find(|l| l.listen == addr)
+    /// The listener a connection arrived on, from the connection's local address.
+    pub fn listener(&self, local: SocketAddr) -> Option<&Listener> {
+        find_listener(&self.config.listeners, local, |l| l.listen)
     }
+}
+
+/// Finds the item whose listen address accepted a connection with local address `local`: the
+/// exact address, else a wildcard address (`0.0.0.0`, `[::]`) on the same port.
+pub fn find_listener<T>(
+    items: &[T],
+    local: SocketAddr,
+    listen: impl Fn(&T) -> SocketAddr,
+) -> Option<&T> {
+    items.iter().find(|i| listen(i) == local).or_else(|| {
+        items.iter().find(|i| {
+            let l = listen(i);
+            l.port() == local.port() && l.ip().is_unspecified()
+        })
+    })
 }
 
 fn build_pool(p: &crate::config::Pool) -> PoolRt {
@@ -152,5 +168,23 @@ fn build_pool(p: &crate::config::Pool) -> PoolRt {
         name: p.name.clone(),
         backends,
         rr: SmoothRoundRobin::new(&weights),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listener_lookup_prefers_exact_then_wildcard() {
+        let addrs: Vec<SocketAddr> = ["0.0.0.0:8443", "127.0.0.2:8443", "[::]:8080"]
+            .iter()
+            .map(|a| a.parse().expect("addr"))
+            .collect();
+        let find = |s: &str| find_listener(&addrs, s.parse().expect("addr"), |a| *a).copied();
+        assert_eq!(find("127.0.0.2:8443"), Some(addrs[1]));
+        assert_eq!(find("127.0.0.1:8443"), Some(addrs[0]));
+        assert_eq!(find("[::1]:8080"), Some(addrs[2]));
+        assert_eq!(find("127.0.0.1:9999"), None);
     }
 }
