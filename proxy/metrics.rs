@@ -27,6 +27,8 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     /// `listener`
     pub downstream_connections: IntGaugeVec,
+    /// `route`, `color`: the share of clients each color gets (0-100)
+    pub route_weight: IntGaugeVec,
     /// `result` = ok / error
     pub config_reloads: IntCounterVec,
     pub config_generation: IntGauge,
@@ -63,6 +65,13 @@ impl Metrics {
             ),
             &["listener"],
         )?;
+        let route_weight = IntGaugeVec::new(
+            Opts::new(
+                "sluice_route_weight",
+                "Share of a route's clients sent to each color",
+            ),
+            &["route", "color"],
+        )?;
         let config_reloads = IntCounterVec::new(
             Opts::new("sluice_config_reloads_total", "Config loads, by result"),
             &["result"],
@@ -82,6 +91,7 @@ impl Metrics {
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(downstream_connections.clone()))?;
+        registry.register(Box::new(route_weight.clone()))?;
         registry.register(Box::new(config_reloads.clone()))?;
         registry.register(Box::new(config_generation.clone()))?;
         registry.register(Box::new(config_last_reload_success.clone()))?;
@@ -91,6 +101,7 @@ impl Metrics {
             requests,
             request_duration,
             downstream_connections,
+            route_weight,
             config_reloads,
             config_generation,
             config_last_reload_success,

@@ -53,6 +53,13 @@ pub struct BackendRt {
 impl Snapshot {
     pub fn build(config: Config, generation: u64, metrics: &Metrics) -> Snapshot {
         let pools: Vec<PoolRt> = config.pools.iter().map(build_pool).collect();
+        for r in &config.routes {
+            let w = &metrics.route_weight;
+            w.with_label_values(&[&r.name, "blue"])
+                .set(i64::from(r.weights.0));
+            w.with_label_values(&[&r.name, "green"])
+                .set(i64::from(r.weights.1));
+        }
         let routes = config
             .routes
             .iter()

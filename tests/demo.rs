@@ -44,7 +44,16 @@ fn make_run_serves_the_demo() {
     }
     let dir = tempdir();
     let log = dir.path().join("make-run.log");
-    let child = Command::new("make")
+    let mut cmd = Command::new("make");
+    // Run it as a user's shell would: the variables cargo gives to tests (CARGO_*,
+    // LD_LIBRARY_PATH) would change build-script fingerprints and force a rebuild.
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if (k.starts_with("CARGO") && k != "CARGO_HOME") || k == "LD_LIBRARY_PATH" {
+            cmd.env_remove(&key);
+        }
+    }
+    let child = cmd
         .args(["run", "PROFILE=dev"])
         .current_dir(root)
         .stdin(Stdio::null())

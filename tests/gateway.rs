@@ -568,8 +568,26 @@ fn upstream_mtls_and_h2() {
         }),
     );
     let h2c = Backend::start(dir.path(), "h2c");
+    let tls_only = Backend::start_with(
+        dir.path(),
+        "tls-only",
+        Some(BackendTls {
+            cert: &srv_cert,
+            key: &srv_key,
+            client_ca: None,
+        }),
+    );
     let body = format!(
         r#"
+[[pool]]
+name = "tls1"
+backends = ["{tls_only}"]
+tls = {{ sni = "backend.internal", ca = "{ca}" }}
+[[route]]
+name = "tls1"
+hosts = ["*"]
+path_prefix = "/tls1"
+blue = ["tls1"]
 [[pool]]
 name = "mtls"
 backends = ["{secure}"]
@@ -610,6 +628,7 @@ blue = ["h2c"]
 "#,
         secure = secure.addr,
         h2c = h2c.addr,
+        tls_only = tls_only.addr,
         ca = ca.pem_path.display(),
         cc = cli_cert.display(),
         ck = cli_key.display(),
@@ -622,6 +641,12 @@ blue = ["h2c"]
         let v: serde_json::Value = serde_json::from_str(&body).expect("json");
         assert_eq!(v["backend"], "secure");
         assert_eq!(v["version"], "HTTP/2.0", "h2 over TLS to the backend");
+        // HTTP/1.1 over TLS, server certificate verified against the pool's CA
+        let (code, _, body) = get_text(&c, &format!("http://{}/tls1/_demo/headers", s.plain)).await;
+        assert_eq!(code, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(v["backend"], "tls-only");
+        assert_eq!(v["version"], "HTTP/1.1");
         // the backend demands a client certificate: without one the connection fails
         let (code, _, _) = get_text(&c, &format!("http://{}/nocert", s.plain)).await;
         assert_eq!(code, 502);
@@ -665,6 +690,14 @@ fn admin_probes_metrics_and_status() {
         "{metrics}"
     );
     assert!(metrics.contains("sluice_config_generation 1"), "{metrics}");
+    assert!(
+        metrics.contains(r#"sluice_route_weight{color="blue",route="all"} 100"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"sluice_route_weight{color="green",route="all"} 0"#),
+        "{metrics}"
+    );
     let (code, status) = sl.admin_get("/status").expect("status");
     assert_eq!(code, 200);
     let v: serde_json::Value = serde_json::from_str(&status).expect("json");
