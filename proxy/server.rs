@@ -6,7 +6,7 @@
 //! the process exits 0 as soon as none is left (pingora alone would always sleep the whole
 //! grace period). SIGINT: fast shutdown.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -363,16 +363,4 @@ impl ShutdownSignalWatch for Signals {
         }
         ShutdownSignal::GracefulTerminate
     }
-}
-
-/// Waits until something accepts on `addr` (used by the demo and tests).
-pub fn wait_for_port(addr: SocketAddr, timeout: Duration) -> bool {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
 }

@@ -74,6 +74,24 @@ http2 = true
     }
 }
 
+impl Setup {
+    /// A client that reaches the TLS listener as `shop.test` and trusts the test CA.
+    fn tls_client(&self, http1_only: bool) -> reqwest::Client {
+        let mut b = reqwest::Client::builder()
+            .use_rustls_tls()
+            .add_root_certificate(self.ca.reqwest_cert())
+            .resolve("shop.test", self.tls);
+        if http1_only {
+            b = b.http1_only();
+        }
+        b.build().expect("client")
+    }
+
+    fn tls_url(&self, path: &str) -> String {
+        format!("https://shop.test:{}{path}", self.tls.port())
+    }
+}
+
 fn one_pool(backends: &[SocketAddr], extra: &str) -> String {
     format!(
         r#"
@@ -126,14 +144,9 @@ fn h2_over_tls_with_alpn_and_hsts() {
     let b1 = Backend::start(dir.path(), "b1");
     let s = gateway(dir.path(), &one_pool(&[b1.addr], ""));
     runtime().block_on(async {
-        let c = reqwest::Client::builder()
-            .use_rustls_tls()
-            .add_root_certificate(s.ca.reqwest_cert())
-            .resolve("shop.test", s.tls)
-            .build()
-            .expect("client");
-        let r = c
-            .get(format!("https://shop.test:{}/", s.tls.port()))
+        let r = s
+            .tls_client(false)
+            .get(s.tls_url("/"))
             .send()
             .await
             .expect("h2 request");
@@ -147,15 +160,9 @@ fn h2_over_tls_with_alpn_and_hsts() {
         );
         assert_eq!(r.text().await.expect("body"), "b1\n");
         // an HTTP/1.1-only client negotiates http/1.1 through ALPN on the same listener
-        let c1 = reqwest::Client::builder()
-            .use_rustls_tls()
-            .http1_only()
-            .add_root_certificate(s.ca.reqwest_cert())
-            .resolve("shop.test", s.tls)
-            .build()
-            .expect("client");
-        let r = c1
-            .get(format!("https://shop.test:{}/", s.tls.port()))
+        let r = s
+            .tls_client(true)
+            .get(s.tls_url("/"))
             .send()
             .await
             .expect("h1 request");
@@ -443,15 +450,10 @@ fn forwarded_headers_reach_the_backend() {
     let b1 = Backend::start(dir.path(), "b1");
     let s = gateway(dir.path(), &one_pool(&[b1.addr], ""));
     runtime().block_on(async {
-        let c = reqwest::Client::builder()
-            .use_rustls_tls()
-            .add_root_certificate(s.ca.reqwest_cert())
-            .resolve("shop.test", s.tls)
-            .build()
-            .expect("client");
+        let c = s.tls_client(false);
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let r = c
-            .get(format!("https://shop.test:{}/_demo/headers", s.tls.port()))
+            .get(s.tls_url("/_demo/headers"))
             .header("x-forwarded-for", "203.0.113.9")
             .header("x-request-id", "req-42")
             .header("traceparent", tp)

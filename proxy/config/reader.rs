@@ -185,47 +185,39 @@ impl<'a, 'i> Table<'a, 'i> {
             .get_ref()
             .as_integer()
             .and_then(|i| i64::from_str_radix(i.as_str(), i.radix()).ok());
-        match parsed {
-            Some(n) if (min..=max).contains(&n) => Some(At::new(n, v.span())),
-            Some(n) => {
-                d.error(
-                    &v.span(),
-                    format!(
-                        "`{}` = {} is out of range ({}..={})",
-                        self.key_name(key),
-                        n,
-                        min,
-                        max
-                    ),
-                );
-                None
-            }
-            None => {
-                self.type_error(d, key, v, "a whole number");
-                None
-            }
-        }
+        self.in_range(d, key, v, parsed, min, max, "a whole number")
     }
 
     pub fn float(&self, d: &mut Diagnostics, key: &str, min: f64, max: f64) -> Option<At<f64>> {
         let v = self.raw(key)?;
-        match as_f64(v.get_ref()) {
+        self.in_range(d, key, v, as_f64(v.get_ref()), min, max, "a number")
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn in_range<T: PartialOrd + std::fmt::Display>(
+        &self,
+        d: &mut Diagnostics,
+        key: &str,
+        v: &Spanned<DeValue>,
+        parsed: Option<T>,
+        min: T,
+        max: T,
+        want: &str,
+    ) -> Option<At<T>> {
+        match parsed {
             Some(n) if n >= min && n <= max => Some(At::new(n, v.span())),
             Some(n) => {
                 d.error(
                     &v.span(),
                     format!(
-                        "`{}` = {} is out of range ({}..={})",
-                        self.key_name(key),
-                        n,
-                        min,
-                        max
+                        "`{}` = {n} is out of range ({min}..={max})",
+                        self.key_name(key)
                     ),
                 );
                 None
             }
             None => {
-                self.type_error(d, key, v, "a number");
+                self.type_error(d, key, v, want);
                 None
             }
         }
