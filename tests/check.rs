@@ -311,3 +311,11 @@ fn shipped_configs_are_valid() {
         assert_eq!(code, 0, "config/{name}: {err}");
     }
 }
+
+#[test]
+fn version_flag() {
+    let out = Command::new(BIN).arg("--version").output().expect("run");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.trim(), format!("sluice {}", env!("CARGO_PKG_VERSION")));
+}
