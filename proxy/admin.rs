@@ -8,6 +8,7 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
+use crate::auth;
 use crate::snapshot::Snapshot;
 use crate::state::Shared;
 
@@ -74,6 +75,7 @@ pub fn status_json(shared: &Shared) -> Value {
             "sha256": snap.config.sha256,
             "loaded_at": humantime::format_rfc3339_seconds(snap.loaded_at).to_string(),
             "last_error": shared.last_error(),
+            "restart_required": shared.restart_required(),
         },
         "draining": shared.lifecycle.is_draining(),
         "inflight": shared.lifecycle.inflight(),
@@ -88,6 +90,28 @@ impl ServeHttp for Admin {
         let req = session.req_header();
         let path = req.uri.path().to_string();
         let method = req.method.clone();
+        if path == "/reload" {
+            if method != Method::POST {
+                return error(StatusCode::METHOD_NOT_ALLOWED, "use POST /reload");
+            }
+            let auth = req
+                .headers
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
+            let snap = self.shared.snapshot();
+            if let Err((code, why)) = auth::check(snap.config.admin.tokens.as_deref(), auth) {
+                return error(code, why);
+            }
+            let shared = self.shared.clone();
+            let outcome = tokio::task::spawn_blocking(move || shared.reload("POST /reload")).await;
+            return match outcome {
+                Ok(Ok(generation)) => {
+                    json_reply(StatusCode::OK, &json!({ "generation": generation }))
+                }
+                Ok(Err(msg)) => error(StatusCode::UNPROCESSABLE_ENTITY, &msg),
+                Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "reload failed"),
+            };
+        }
         if method != Method::GET && method != Method::HEAD {
             let known = matches!(
                 path.as_str(),

@@ -2,6 +2,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod auth;
 pub mod balancer;
 pub mod config;
 pub mod demo_backend;
@@ -12,3 +13,4 @@ pub mod server;
 pub mod snapshot;
 pub mod state;
 pub mod tls;
+pub mod watch;

@@ -20,6 +20,14 @@ pub struct Shared {
     pub config_path: PathBuf,
     /// `file:line:col: message` of the last failed load, if the last load failed.
     pub last_error: Mutex<Option<String>>,
+    /// What the served config changes that only a restart can apply (listeners, admin address,
+    /// threads, access log target), if anything.
+    pub restart_required: Mutex<Option<String>>,
+    /// Reloads run one at a time.
+    reload_lock: Mutex<()>,
+    /// Fingerprint of the files as they were when the first config was loaded (the watcher
+    /// starts from it, so a change made before it was watching is not missed).
+    pub initial_fingerprint: String,
 }
 
 impl Shared {
@@ -29,6 +37,10 @@ impl Shared {
             &config.server.access_log,
             metrics.access_log_dropped.clone(),
         )?;
+        let files: Vec<PathBuf> = std::iter::once(config_path.clone())
+            .chain(config.files.iter().cloned())
+            .collect();
+        let initial_fingerprint = crate::watch::fingerprint(&files);
         let snapshot = Snapshot::build(config, 1, &metrics);
         metrics.config_generation.set(1);
         metrics.config_last_reload_success.set(1);
@@ -40,7 +52,59 @@ impl Shared {
             lifecycle: Lifecycle::default(),
             config_path,
             last_error: Mutex::new(None),
+            restart_required: Mutex::new(None),
+            reload_lock: Mutex::new(()),
+            initial_fingerprint,
         }))
+    }
+
+    /// Re-reads the config file and everything it names; on success the new snapshot serves the
+    /// next request, on failure the old one keeps serving and the error is reported in
+    /// `/status`, the metrics and the log. Returns the generation now serving.
+    pub fn reload(&self, cause: &str) -> Result<u64, String> {
+        let _one_at_a_time = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.snapshot();
+        let m = &self.metrics;
+        let mut cfg = match crate::config::load(&self.config_path) {
+            Ok(cfg) => cfg,
+            Err(diags) => {
+                let msg = diags
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                log::error!(
+                    "config reload ({cause}) failed; still serving generation {}:\n{msg}",
+                    old.generation
+                );
+                m.config_reloads.with_label_values(&["error"]).inc();
+                m.config_last_reload_success.set(0);
+                set(&self.last_error, Some(msg.clone()));
+                return Err(msg);
+            }
+        };
+        let restart = restart_needed(&old.config, &mut cfg);
+        if let Some(r) = &restart {
+            log::warn!("config reload ({cause}): restart required to apply: {r}; everything else applies now");
+        }
+        let generation = old.generation + 1;
+        let sha = cfg.sha256.clone();
+        self.snapshot
+            .store(Arc::new(Snapshot::build(cfg, generation, m)));
+        m.config_reloads.with_label_values(&["ok"]).inc();
+        m.config_last_reload_success.set(1);
+        m.config_generation.set(generation as i64);
+        set(&self.last_error, None);
+        set(&self.restart_required, restart);
+        log::info!("config reload ({cause}): generation {generation} serving (sha256 {sha})");
+        Ok(generation)
+    }
+
+    pub fn restart_required(&self) -> Option<String> {
+        self.restart_required
+            .lock()
+            .map(|e| e.clone())
+            .unwrap_or(None)
     }
 
     /// The snapshot serving requests now. Hold it for a whole request so indexes stay valid.
@@ -53,10 +117,70 @@ impl Shared {
     }
 }
 
+fn set<T>(m: &Mutex<T>, v: T) {
+    *m.lock().unwrap_or_else(|e| e.into_inner()) = v;
+}
+
+/// Settings fixed when the process started. If `new` changes any of them, they are put back to
+/// what is running (so the snapshot describes the process as it is) and the change is described.
+fn restart_needed(running: &Config, new: &mut Config) -> Option<String> {
+    let mut what = Vec::new();
+    let ident = |l: &crate::config::Listener| (l.listen, l.tls, l.http2);
+    for l in &new.listeners {
+        match running.listeners.iter().find(|r| r.listen == l.listen) {
+            None => what.push(format!("listener {} added", l.listen)),
+            Some(r) if ident(r) != ident(l) => {
+                what.push(format!("listener {} changes tls/http2", l.listen))
+            }
+            Some(_) => {}
+        }
+    }
+    for r in &running.listeners {
+        if !new.listeners.iter().any(|l| l.listen == r.listen) {
+            what.push(format!("listener {} removed", r.listen));
+        }
+    }
+    if !what.is_empty() {
+        // Live settings of listeners that stay (redirect_https) still apply.
+        let kept: Vec<_> = running
+            .listeners
+            .iter()
+            .map(|r| {
+                new.listeners
+                    .iter()
+                    .find(|l| ident(l) == ident(r))
+                    .cloned()
+                    .unwrap_or_else(|| r.clone())
+            })
+            .collect();
+        new.listeners = kept;
+    }
+    if new.admin.listen != running.admin.listen {
+        what.push(format!(
+            "admin.listen {} -> {}",
+            running.admin.listen, new.admin.listen
+        ));
+        new.admin.listen = running.admin.listen;
+    }
+    if new.server.threads != running.server.threads {
+        what.push(format!(
+            "server.threads {} -> {}",
+            running.server.threads, new.server.threads
+        ));
+        new.server.threads = running.server.threads;
+    }
+    if new.server.access_log != running.server.access_log {
+        what.push("server.access_log target".to_string());
+        new.server.access_log = running.server.access_log.clone();
+    }
+    (!what.is_empty()).then(|| what.join(", "))
+}
+
 /// Readiness and draining, plus the count of requests in flight (for graceful shutdown).
 #[derive(Default)]
 pub struct Lifecycle {
     ready: AtomicBool,
+    watching: AtomicBool,
     draining: AtomicBool,
     inflight: Arc<AtomicUsize>,
 }
@@ -65,15 +189,21 @@ impl Lifecycle {
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::SeqCst);
     }
+    /// The file watcher is in place (or could not be, and said so).
+    pub fn set_watching(&self) {
+        self.watching.store(true, Ordering::SeqCst);
+    }
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
     }
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }
-    /// `/readyz`: loaded, listening, and not draining.
+    /// `/readyz`: loaded, listening, watching for changes, and not draining.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst) && !self.is_draining()
+        self.ready.load(Ordering::SeqCst)
+            && self.watching.load(Ordering::SeqCst)
+            && !self.is_draining()
     }
     pub fn inflight(&self) -> usize {
         self.inflight.load(Ordering::SeqCst)

@@ -41,9 +41,12 @@ pub struct Server {
     pub access_log: AccessLog,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Admin {
     pub listen: SocketAddr,
+    /// Bearer tokens from `token_file`; `None` when there is no token file (every mutating
+    /// call is then refused).
+    pub tokens: Option<Vec<String>>,
 }
 
 #[derive(Clone)]
@@ -131,6 +134,9 @@ pub struct Config {
     pub regions: Vec<Region>,
     pub pools: Vec<Pool>,
     pub routes: Vec<Route>,
+    /// Every file this config reads besides itself (certificates, keys, CAs, tokens): a change
+    /// to any of them is a reason to reload.
+    pub files: Vec<PathBuf>,
 }
 
 impl std::fmt::Debug for Config {
@@ -174,7 +180,12 @@ pub fn parse(path: &Path, src: &str) -> Result<Config, Vec<Diagnostic>> {
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
     let root = Table::new(root.get_ref(), root.span(), "");
-    let cfg = Builder { base, d: &mut d }.build(&root);
+    let cfg = Builder {
+        base,
+        d: &mut d,
+        files: Vec::new(),
+    }
+    .build(&root);
     match cfg {
         Some(mut cfg) if d.is_empty() => {
             cfg.path = path.to_path_buf();
@@ -214,6 +225,7 @@ fn not_yet(d: &mut Diagnostics, t: &Table, key: &str, issue: &str) {
 struct Builder<'d, 's> {
     base: PathBuf,
     d: &'d mut Diagnostics<'s>,
+    files: Vec<PathBuf>,
 }
 
 impl Builder<'_, '_> {
@@ -264,6 +276,7 @@ impl Builder<'_, '_> {
             regions,
             pools,
             routes,
+            files: std::mem::take(&mut self.files),
         })
     }
 
@@ -334,13 +347,35 @@ impl Builder<'_, '_> {
     fn admin(&mut self, root: &Table) -> Option<Admin> {
         let mut admin = Admin {
             listen: SocketAddr::from(([127, 0, 0, 1], 9900)),
+            tokens: None,
         };
         let Some(t) = root.table(self.d, "admin") else {
             return (!root.has("admin")).then_some(admin);
         };
         t.check_keys(self.d, &["listen", "token_file", "state_file", "audit_log"]);
-        for key in ["token_file", "state_file", "audit_log"] {
-            not_yet(self.d, &t, key, "admin write API");
+        for key in ["state_file", "audit_log"] {
+            not_yet(self.d, &t, key, "admin weights API");
+        }
+        if let Some(f) = t.string(self.d, "token_file") {
+            let p = self.path(&f.value);
+            if self.file_exists(&p, &f.span, "admin.token_file") {
+                match std::fs::read_to_string(&p) {
+                    // one token per line; blank lines and surrounding spaces are not tokens
+                    Ok(text) => {
+                        admin.tokens = Some(
+                            text.lines()
+                                .map(str::trim)
+                                .filter(|l| !l.is_empty())
+                                .map(String::from)
+                                .collect(),
+                        )
+                    }
+                    Err(e) => self.d.error(
+                        &f.span,
+                        format!("`admin.token_file`: cannot read {}: {e}", p.display()),
+                    ),
+                }
+            }
         }
         if let Some(l) = t.string(self.d, "listen") {
             admin.listen = self.socket_addr(&l, "admin.listen")?;
@@ -408,8 +443,10 @@ impl Builder<'_, '_> {
         Some(tls)
     }
 
+    /// Checks a referenced file exists and records it as a dependency of the config.
     fn file_exists(&mut self, p: &Path, span: &Span, key: &str) -> bool {
         if p.is_file() {
+            self.files.push(p.to_path_buf());
             return true;
         }
         self.d.error(

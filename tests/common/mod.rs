@@ -148,12 +148,17 @@ impl Sluice {
         let text = config.replace("{admin}", &admin.to_string());
         let path = dir.join("sluice.toml");
         std::fs::write(&path, text).expect("write config");
+        Self::start_file(dir, &path, admin)
+    }
+
+    /// Starts sluice on an existing config file whose admin listener is `admin`.
+    pub fn start_file(dir: &Path, path: &Path, admin: SocketAddr) -> Sluice {
         let proc = spawn(&["run", "-c", &path.display().to_string()], dir, "sluice");
         let mut s = Sluice {
             proc,
             admin,
             dir: dir.to_path_buf(),
-            config: path,
+            config: path.to_path_buf(),
         };
         let end = Instant::now() + Duration::from_secs(20);
         loop {
@@ -178,6 +183,21 @@ impl Sluice {
         http_get(self.admin, path)
     }
 
+    pub fn status(&self) -> serde_json::Value {
+        let (code, body) = self.admin_get("/status").expect("status");
+        assert_eq!(code, 200);
+        serde_json::from_str(&body).expect("status json")
+    }
+
+    /// The value of one sample line of /metrics, e.g. `sluice_config_generation` or
+    /// `sluice_config_reloads_total{result="ok"}`.
+    pub fn metric(&self, sample: &str) -> Option<f64> {
+        let (_, body) = self.admin_get("/metrics")?;
+        body.lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
     pub fn stdout(&self) -> String {
         std::fs::read_to_string(self.dir.join("sluice.stdout")).unwrap_or_default()
     }
@@ -197,14 +217,27 @@ impl Sluice {
 
 /// Blocking HTTP/1.1 GET with `Connection: close`: (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    http_request(addr, "GET", path, &[])
+}
+
+/// Blocking HTTP/1.1 request without a body, `Connection: close`: (status, body).
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Option<(u16, String)> {
     use std::io::Write;
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\nContent-Length: 0\r\n"
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     let code = buf.split(' ').nth(1)?.parse().ok()?;
@@ -284,4 +317,25 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("runtime")
+}
+
+/// Polls `pred` every 10 ms for up to `timeout`; true once it held.
+pub fn wait_until(timeout: Duration, mut pred: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if pred() {
+            return true;
+        }
+        if Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Replaces `path` the way editors do: write a temp file beside it, then rename over it.
+pub fn write_by_rename(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, text).expect("write temp");
+    std::fs::rename(&tmp, path).expect("rename");
 }

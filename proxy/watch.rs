@@ -1,0 +1,184 @@
+//! Picks up changes on disk by itself: the config file and every file it names are watched
+//! through their directories (so editors' write-to-temp-and-rename and Kubernetes ConfigMap
+//! symlink swaps are seen), events are debounced, and a reload runs only when the content of
+//! those files actually changed. SIGHUP reloads unconditionally.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use notify::{RecursiveMode, Watcher as _};
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use crate::state::Shared;
+
+/// Quiet time after the last event before files are read.
+pub const DEBOUNCE: Duration = Duration::from_millis(200);
+
+pub struct Watcher {
+    pub shared: Arc<Shared>,
+}
+
+/// Files the running config depends on: itself first.
+fn watched_files(shared: &Shared) -> Vec<PathBuf> {
+    let snap = shared.snapshot();
+    std::iter::once(shared.config_path.clone())
+        .chain(snap.config.files.iter().cloned())
+        .collect()
+}
+
+/// A digest of the current content of `files` (a missing file counts as its own content).
+pub fn fingerprint(files: &[PathBuf]) -> String {
+    let mut h = Sha256::new();
+    for f in files {
+        h.update(f.as_os_str().as_encoded_bytes());
+        match std::fs::read(f) {
+            Ok(bytes) => {
+                h.update(b"\x01");
+                h.update((bytes.len() as u64).to_le_bytes());
+                h.update(&bytes);
+            }
+            Err(_) => h.update(b"\x00"),
+        }
+    }
+    crate::config::hex(&h.finalize())
+}
+
+fn dir_of(p: &Path) -> PathBuf {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Longest a stream of events can postpone a reload.
+const MAX_DEBOUNCE: Duration = Duration::from_secs(2);
+
+/// Whether an event can change our files: a change (opening or reading is not; closing a file
+/// opened for writing is) to one of their names, or to a `..name` entry (how Kubernetes swaps a
+/// ConfigMap's `..data` symlink). Other files in the same directories (logs, say) do not count.
+fn relevant(event: &notify::Event, names: &HashSet<std::ffi::OsString>) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    let change = match event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    };
+    change
+        && event.paths.iter().any(|p| {
+            p.file_name()
+                .is_some_and(|n| names.contains(n) || n.as_encoded_bytes().starts_with(b".."))
+        })
+}
+
+#[async_trait]
+impl BackgroundService for Watcher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                log::error!("cannot listen for SIGHUP: {e}");
+                None
+            }
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            let _ = tx.send(res);
+        });
+        let mut watcher = match watcher {
+            Ok(w) => Some(w),
+            Err(e) => {
+                log::error!("cannot watch files; reload with SIGHUP or POST /reload: {e}");
+                None
+            }
+        };
+        let mut dirs: HashSet<PathBuf> = HashSet::new();
+        let mut names: HashSet<std::ffi::OsString> = HashSet::new();
+        let mut files = watched_files(&self.shared);
+        let mut applied = self.shared.initial_fingerprint.clone();
+        let mut first = true;
+        loop {
+            // (re)watch the directories of whatever the config names now
+            if let Some(w) = watcher.as_mut() {
+                names = files
+                    .iter()
+                    .filter_map(|f| f.file_name().map(Into::into))
+                    .collect();
+                let want: HashSet<PathBuf> = files.iter().map(|f| dir_of(f)).collect();
+                for d in dirs.difference(&want) {
+                    let _ = w.unwatch(d);
+                }
+                for d in want.difference(&dirs) {
+                    if let Err(e) = w.watch(d, RecursiveMode::NonRecursive) {
+                        log::error!("cannot watch {}: {e}", d.display());
+                    }
+                }
+                dirs = want;
+            }
+            if first {
+                first = false;
+                self.shared.lifecycle.set_watching();
+                // anything that changed between the first load and now
+                if fingerprint(&files) != applied {
+                    applied = fingerprint(&files);
+                    if self.shared.reload("changed while starting").is_ok() {
+                        files = watched_files(&self.shared);
+                        applied = fingerprint(&files);
+                    }
+                    continue;
+                }
+            }
+            let hup_recv = async {
+                match hup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = hup_recv => {
+                    let _ = self.shared.reload("SIGHUP");
+                    files = watched_files(&self.shared);
+                    applied = fingerprint(&files);
+                    continue;
+                }
+                ev = rx.recv() => {
+                    match ev {
+                        Some(Ok(e)) if relevant(&e, &names) => {}
+                        Some(Ok(_)) => continue,
+                        Some(Err(e)) => { log::warn!("file watch error: {e}"); continue; }
+                        None => { watcher = None; continue; }
+                    }
+                }
+            }
+            // debounce: wait until our files are quiet, so a file being written is read once
+            // it is complete (but never longer than MAX_DEBOUNCE)
+            let deadline = tokio::time::Instant::now() + MAX_DEBOUNCE;
+            let mut quiet_until = tokio::time::Instant::now() + DEBOUNCE;
+            loop {
+                match tokio::time::timeout_at(quiet_until.min(deadline), rx.recv()).await {
+                    Ok(Some(Ok(e))) if relevant(&e, &names) => {
+                        quiet_until = tokio::time::Instant::now() + DEBOUNCE;
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            let now = fingerprint(&files);
+            if now == applied {
+                continue;
+            }
+            applied = now;
+            if self.shared.reload("file change").is_ok() {
+                files = watched_files(&self.shared);
+                applied = fingerprint(&files);
+            }
+        }
+    }
+}
