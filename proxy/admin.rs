@@ -54,17 +54,23 @@ pub fn status_json(shared: &Shared) -> Value {
         .config
         .pools
         .iter()
-        .map(|p| {
+        .zip(&snap.pools)
+        .map(|(p, rt)| {
             json!({
                 "name": p.name,
                 "region": p.region,
-                "backends": p.backends.iter().map(|b| json!({
-                    "address": b.address.to_string(),
-                    "weight": b.weight,
-                    "healthy": true,
-                    "ejected_until": null,
-                    "reason": null,
-                })).collect::<Vec<_>>(),
+                "backends": p.backends.iter().zip(&rt.backends).map(|(b, r)| {
+                    let v = r.health.view();
+                    json!({
+                        "address": b.address.to_string(),
+                        "weight": b.weight,
+                        "healthy": v.usable,
+                        "state": v.state,
+                        "ejected_until": v.ejected_until
+                            .map(|t| humantime::format_rfc3339_millis(t).to_string()),
+                        "reason": v.reason,
+                    })
+                }).collect::<Vec<_>>(),
             })
         })
         .collect();

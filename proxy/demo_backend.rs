@@ -3,6 +3,8 @@
 //!
 //! - `GET /healthz`: 200 `ok` (503 while failing)
 //! - `POST /_demo/fail`, `POST /_demo/recover`: every answer becomes 503 / normal again
+//! - `POST /_demo/health-fail`: `/healthz` answers 500 while other paths still work (until
+//!   `/_demo/recover`)
 //! - `GET /_demo/sleep?ms=N`: answers after N milliseconds
 //! - `GET /_demo/headers`: the request's headers as JSON
 //!
@@ -40,6 +42,8 @@ pub struct Options {
 struct State {
     name: String,
     failing: AtomicBool,
+    /// `/healthz` answers 500 while traffic is still served.
+    sick: AtomicBool,
     connections: AtomicU64,
 }
 
@@ -91,6 +95,7 @@ async fn serve(opts: Options) -> Result<(), String> {
     let state = Arc::new(State {
         name: opts.name.clone(),
         failing: AtomicBool::new(opts.fail),
+        sick: AtomicBool::new(false),
         connections: AtomicU64::new(0),
     });
     eprintln!("demo-backend {} listening on {}", opts.name, opts.listen);
@@ -159,7 +164,12 @@ async fn handle(
         }
         "/_demo/recover" => {
             state.failing.store(false, Ordering::SeqCst);
+            state.sick.store(false, Ordering::SeqCst);
             return Ok(text(StatusCode::OK, name, "recovered\n".into()));
+        }
+        "/_demo/health-fail" => {
+            state.sick.store(true, Ordering::SeqCst);
+            return Ok(text(StatusCode::OK, name, "healthz now fails\n".into()));
         }
         _ => {}
     }
@@ -171,6 +181,11 @@ async fn handle(
         ));
     }
     match path.as_str() {
+        "/healthz" if state.sick.load(Ordering::SeqCst) => Ok(text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            name,
+            "unhealthy\n".into(),
+        )),
         "/healthz" => Ok(text(StatusCode::OK, name, "ok\n".into())),
         "/_demo/sleep" => {
             let ms = query

@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::metrics::code_class;
 use crate::router::normalize_host;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{NoBackend, PoolRt, Snapshot};
 use crate::state::{InflightGuard, Shared};
 
 /// The request path for every listener; each request finds its listener from the connection.
@@ -39,11 +39,13 @@ pub struct Ctx {
     host: String,
     /// The request arrived over TLS.
     tls: bool,
+    /// Seconds for `Retry-After` when every backend is down.
+    retry_after: Option<u64>,
     _inflight: Option<InflightGuard>,
 }
 
-/// At most this many retries on another backend when connecting fails.
-const MAX_RETRIES: u8 = 1;
+/// At most this many retries on another backend when the connection to one fails.
+const MAX_RETRIES: u8 = 2;
 
 impl Gateway {
     fn client_ip(session: &Session) -> Option<IpAddr> {
@@ -59,14 +61,14 @@ impl Gateway {
         ctx: &Ctx,
         code: u16,
         body: &str,
-        location: Option<String>,
+        extra: Option<(&'static str, String)>,
     ) -> Result<()> {
         let mut h = ResponseHeader::build(code, Some(6))?;
         h.insert_header("content-type", "text/plain; charset=utf-8")?;
         h.insert_header("content-length", body.len().to_string())?;
         h.insert_header("cache-control", "no-store")?;
-        if let Some(loc) = location {
-            h.insert_header("location", loc)?;
+        if let Some((name, value)) = extra {
+            h.insert_header(name, value)?;
         }
         if !ctx.request_id.is_empty() {
             h.insert_header("x-request-id", ctx.request_id.as_str())?;
@@ -86,6 +88,22 @@ impl Gateway {
             }
         }
         Ok(())
+    }
+}
+
+impl Ctx {
+    /// The pool serving this request: today the route's first blue pool (geo and colors will
+    /// choose among pools here).
+    fn pool(&self) -> Option<&PoolRt> {
+        let snap = self.snap.as_deref()?;
+        let route = &snap.routes[self.route?];
+        route.blue.get(self.pool_slot).map(|p| &snap.pools[*p])
+    }
+
+    fn mark_failed(&mut self) {
+        if let Some(b) = self.backend.filter(|b| *b < 64) {
+            self.failed |= 1u64 << b;
+        }
     }
 }
 
@@ -127,6 +145,7 @@ impl ProxyHttp for Gateway {
             request_id: String::new(),
             host: String::new(),
             tls: false,
+            retry_after: None,
             _inflight: Some(self.shared.lifecycle.enter()),
         }
     }
@@ -158,8 +177,14 @@ impl ProxyHttp for Gateway {
             };
             let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
             let location = format!("https://{authority}{path}");
-            self.respond(session, ctx, 308, "redirecting to https\n", Some(location))
-                .await?;
+            self.respond(
+                session,
+                ctx,
+                308,
+                "redirecting to https\n",
+                Some(("location", location)),
+            )
+            .await?;
             return Ok(true);
         }
 
@@ -178,27 +203,30 @@ impl ProxyHttp for Gateway {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let (Some(snap), Some(r)) = (ctx.snap.as_ref(), ctx.route) else {
-            return Err(Error::explain(ErrorType::InternalError, "no route chosen"));
-        };
-        let route = &snap.routes[r];
-        // Geo and colors choose among pools in later versions; today the first blue pool serves.
-        ctx.pool_slot = 0;
-        let Some(pool) = route.blue.get(ctx.pool_slot).map(|p| &snap.pools[*p]) else {
+        let Some(pool) = ctx.pool() else {
             return Err(Error::explain(
                 ErrorType::HTTPStatus(502),
                 "route has no pool",
             ));
         };
-        let failed = ctx.failed;
-        let Some(b) = pool.rr.next_where(|i| i >= 64 || failed & (1u64 << i) == 0) else {
-            return Err(Error::explain(
+        match pool.pick(ctx.failed, &self.shared.health.clock()) {
+            Ok(b) => {
+                let peer = Box::new(pool.backends[b].peer.clone());
+                ctx.backend = Some(b);
+                Ok(peer)
+            }
+            Err(NoBackend::AllDown { retry_after }) => {
+                ctx.retry_after = Some(retry_after);
+                Err(Error::explain(
+                    ErrorType::HTTPStatus(503),
+                    "no healthy backend",
+                ))
+            }
+            Err(NoBackend::Exhausted) => Err(Error::explain(
                 ErrorType::HTTPStatus(502),
                 "no backend reachable",
-            ));
-        };
-        ctx.backend = Some(b);
-        Ok(Box::new(pool.backends[b].peer.clone()))
+            )),
+        }
     }
 
     fn fail_to_connect(
@@ -208,24 +236,67 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        // Nothing was sent yet, so another backend may take any request.
-        if let Some(b) = ctx.backend.filter(|b| *b < 64) {
-            ctx.failed |= 1u64 << b;
+        // Nothing was sent, so another backend may take any request, whatever its method.
+        if let Some((pool, b)) = ctx.pool().zip(ctx.backend) {
+            pool.backends[b].health.connect_failed(&pool.eject);
         }
-        let others = ctx
-            .snap
-            .as_ref()
-            .zip(ctx.route)
-            .and_then(|(s, r)| s.routes[r].blue.get(ctx.pool_slot).map(|p| &s.pools[*p]))
-            .map_or(0, |p| p.backends.len())
-            > (ctx.failed.count_ones() as usize);
-        if ctx.retries < MAX_RETRIES && others {
+        ctx.mark_failed();
+        let retry = ctx.retries < MAX_RETRIES;
+        if retry {
             ctx.retries += 1;
-            e.set_retry(true);
-        } else {
-            e.set_retry(false);
         }
+        e.set_retry(retry);
         e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        _client_reused: bool,
+    ) -> Box<Error> {
+        let upstream = e.esource() == &pingora::ErrorSource::Upstream;
+        if upstream {
+            if let Some((pool, b)) = ctx.pool().zip(ctx.backend) {
+                pool.backends[b].health.failure(&pool.eject);
+            }
+        }
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        // The connection broke before the backend answered: another backend may take the
+        // request if replaying it is safe (idempotent, body still buffered, nothing answered).
+        let broken = matches!(
+            e.etype(),
+            ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+        );
+        let replayable = session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated()
+            && session.response_written().is_none();
+        let retry = upstream && broken && replayable && ctx.retries < MAX_RETRIES;
+        if retry {
+            ctx.retries += 1;
+            ctx.mark_failed();
+        }
+        e.set_retry(retry);
+        e
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some((pool, b)) = ctx.pool().zip(ctx.backend) {
+            let h = &pool.backends[b].health;
+            if matches!(resp.status.as_u16(), 502..=504) {
+                h.failure(&pool.eject);
+            } else if !resp.status.is_informational() {
+                h.success();
+            }
+        }
+        Ok(())
     }
 
     async fn upstream_request_filter(
@@ -274,6 +345,7 @@ impl ProxyHttp for Gateway {
         use ErrorType::*;
         let (code, body) = match e.etype() {
             HTTPStatus(c) if *c == 502 => (502, "no backend reachable\n"),
+            HTTPStatus(c) if *c == 503 => (503, "no healthy backend\n"),
             HTTPStatus(c) => (*c, "error\n"),
             ConnectTimedout | ReadTimedout | WriteTimedout => (504, "backend timed out\n"),
             ConnectRefused | ConnectNoRoute | ConnectError | ConnectProxyFailure
@@ -290,7 +362,11 @@ impl ProxyHttp for Gateway {
             },
         };
         if code > 0 && session.response_written().is_none() {
-            if let Err(err) = self.respond(session, ctx, code, body, None).await {
+            let retry_after = ctx
+                .retry_after
+                .filter(|_| code == 503)
+                .map(|s| ("retry-after", s.to_string()));
+            if let Err(err) = self.respond(session, ctx, code, body, retry_after).await {
                 log::debug!("cannot send error response: {err}");
             }
         }
@@ -355,6 +431,12 @@ impl ProxyHttp for Gateway {
                 .zip(ctx.backend)
                 .map(|(p, b)| p.backends[b].address.to_string()),
             retries: ctx.retries,
+            failed_backends: pool.map_or_else(Vec::new, |p| {
+                (0..p.backends.len().min(64))
+                    .filter(|i| ctx.failed & (1u64 << i) != 0)
+                    .map(|i| p.backends[i].address.to_string())
+                    .collect()
+            }),
             request_id: &ctx.request_id,
             error: e.map(|e| e.etype().as_str()),
         };
@@ -381,6 +463,9 @@ struct AccessLine<'a> {
     pool: Option<&'a str>,
     backend: Option<String>,
     retries: u8,
+    /// Backends this request tried and failed on before the answer.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    failed_backends: Vec<String>,
     request_id: &'a str,
     error: Option<&'a str>,
 }

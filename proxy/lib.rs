@@ -7,6 +7,7 @@ pub mod balancer;
 pub mod config;
 pub mod demo_backend;
 pub mod gateway;
+pub mod health;
 pub mod metrics;
 pub mod router;
 pub mod server;

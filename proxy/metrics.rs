@@ -27,6 +27,10 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     /// `listener`
     pub downstream_connections: IntGaugeVec,
+    /// `pool`, `backend`: 1 while the backend is in rotation
+    pub backend_healthy: IntGaugeVec,
+    /// `pool`, `backend`, `reason` = active / passive
+    pub backend_ejections: IntCounterVec,
     /// `route`, `color`: the share of clients each color gets (0-100)
     pub route_weight: IntGaugeVec,
     /// `result` = ok / error
@@ -65,6 +69,20 @@ impl Metrics {
             ),
             &["listener"],
         )?;
+        let backend_healthy = IntGaugeVec::new(
+            Opts::new(
+                "sluice_backend_healthy",
+                "1 while a backend is in rotation, else 0",
+            ),
+            &["pool", "backend"],
+        )?;
+        let backend_ejections = IntCounterVec::new(
+            Opts::new(
+                "sluice_backend_ejections_total",
+                "Backends taken out of rotation, by reason (active checks or passive live failures)",
+            ),
+            &["pool", "backend", "reason"],
+        )?;
         let route_weight = IntGaugeVec::new(
             Opts::new(
                 "sluice_route_weight",
@@ -91,6 +109,8 @@ impl Metrics {
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(downstream_connections.clone()))?;
+        registry.register(Box::new(backend_healthy.clone()))?;
+        registry.register(Box::new(backend_ejections.clone()))?;
         registry.register(Box::new(route_weight.clone()))?;
         registry.register(Box::new(config_reloads.clone()))?;
         registry.register(Box::new(config_generation.clone()))?;
@@ -101,6 +121,8 @@ impl Metrics {
             requests,
             request_duration,
             downstream_connections,
+            backend_healthy,
+            backend_ejections,
             route_weight,
             config_reloads,
             config_generation,

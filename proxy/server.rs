@@ -128,6 +128,12 @@ pub fn run(config_path: &Path) -> Result<(), String> {
     server.add_service(admin);
 
     server.add_service(background_service(
+        "health checks",
+        crate::health::Prober {
+            shared: shared.clone(),
+        },
+    ));
+    server.add_service(background_service(
         "config watcher",
         crate::watch::Watcher {
             shared: shared.clone(),

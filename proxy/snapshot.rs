@@ -9,7 +9,8 @@ use pingora::upstreams::peer::HttpPeer;
 use prometheus::{Histogram, IntCounter};
 
 use crate::balancer::SmoothRoundRobin;
-use crate::config::{Config, Listener};
+use crate::config::{Config, Eject, HealthCheck, Listener};
+use crate::health::{self, BackendHealth, Clock, ProbeTarget};
 use crate::metrics::{Metrics, CODE_CLASSES};
 use crate::router::Router;
 use crate::tls::CertSet;
@@ -41,18 +42,83 @@ pub struct RouteRt {
 pub struct PoolRt {
     pub name: String,
     pub backends: Vec<BackendRt>,
+    /// The same health handles as in `backends`, for the floor computation.
+    pub health: Vec<Arc<BackendHealth>>,
     pub rr: SmoothRoundRobin,
+    pub check: HealthCheck,
+    pub eject: Eject,
+    pub min_healthy: f64,
+    /// Host header for HTTP probes.
+    probe_host: String,
+    probe_tls: Option<(
+        Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+    )>,
 }
 
 pub struct BackendRt {
     pub address: SocketAddr,
     /// Fully configured peer (timeouts, TLS, h2); cloned per request.
     pub peer: HttpPeer,
+    pub health: Arc<BackendHealth>,
+}
+
+/// Why no backend could be picked.
+pub enum NoBackend {
+    /// Every backend is out of rotation; the earliest may return in this many seconds.
+    AllDown { retry_after: u64 },
+    /// This request already failed on every backend it could try.
+    Exhausted,
+}
+
+impl PoolRt {
+    /// The next backend by (smooth weighted) round-robin among those in rotation, skipping
+    /// `tried` (bit i: backend i failed for this request). Honors the `min_healthy` floor.
+    pub fn pick(&self, tried: u64, clock: &Clock) -> Result<usize, NoBackend> {
+        let untried = |i: usize| i >= 64 || tried & (1u64 << i) == 0;
+        let picked = if self.min_healthy > 0.0 {
+            let allowed = health::allowed(&self.health, self.min_healthy);
+            self.rr.next_where(|i| allowed[i] && untried(i))
+        } else {
+            self.rr
+                .next_where(|i| self.backends[i].health.usable() && untried(i))
+        };
+        if let Some(b) = picked {
+            return Ok(b);
+        }
+        // This request already failed on some backend: that is a bad gateway, not an outage
+        // known in advance.
+        let any_usable = self.backends.iter().any(|b| b.health.usable());
+        if tried != 0 || any_usable || self.min_healthy > 0.0 {
+            return Err(NoBackend::Exhausted);
+        }
+        let now = clock.now_ms();
+        let soonest = self
+            .backends
+            .iter()
+            .filter_map(|b| b.health.ejected_until_ms())
+            .min()
+            .map_or(self.check.interval.as_millis() as u64, |t| {
+                t.saturating_sub(now)
+            });
+        Err(NoBackend::AllDown {
+            retry_after: soonest.div_ceil(1000).max(1),
+        })
+    }
 }
 
 impl Snapshot {
-    pub fn build(config: Config, generation: u64, metrics: &Metrics) -> Snapshot {
-        let pools: Vec<PoolRt> = config.pools.iter().map(build_pool).collect();
+    pub fn build(
+        config: Config,
+        generation: u64,
+        metrics: &Metrics,
+        health: &health::Registry,
+    ) -> Snapshot {
+        let pools: Vec<PoolRt> = config
+            .pools
+            .iter()
+            .map(|p| build_pool(p, metrics, health))
+            .collect();
         for r in &config.routes {
             let w = &metrics.route_weight;
             w.with_label_values(&[&r.name, "blue"])
@@ -116,6 +182,26 @@ impl Snapshot {
         }
     }
 
+    /// What the prober needs for every backend of every pool.
+    pub fn probe_targets(&self) -> Vec<ProbeTarget> {
+        self.pools
+            .iter()
+            .flat_map(|p| {
+                p.backends.iter().map(|b| ProbeTarget {
+                    address: b.address,
+                    host: if p.probe_host.is_empty() {
+                        b.address.to_string()
+                    } else {
+                        p.probe_host.clone()
+                    },
+                    check: p.check.clone(),
+                    tls: p.probe_tls.clone(),
+                    health: b.health.clone(),
+                })
+            })
+            .collect()
+    }
+
     /// The listener a connection arrived on, from the connection's local address.
     pub fn listener(&self, local: SocketAddr) -> Option<&Listener> {
         find_listener(&self.config.listeners, local, |l| l.listen)
@@ -137,7 +223,7 @@ pub fn find_listener<T>(
     })
 }
 
-fn build_pool(p: &crate::config::Pool) -> PoolRt {
+fn build_pool(p: &crate::config::Pool, metrics: &Metrics, registry: &health::Registry) -> PoolRt {
     let backends = p
         .backends
         .iter()
@@ -167,14 +253,39 @@ fn build_pool(p: &crate::config::Pool) -> PoolRt {
             BackendRt {
                 address: b.address,
                 peer,
+                health: registry.get(&p.name, b.address, metrics),
             }
         })
-        .collect();
+        .collect::<Vec<_>>();
     let weights: Vec<u32> = p.backends.iter().map(|b| b.weight).collect();
+    let probe_tls = p.tls.as_ref().map(|t| {
+        let name = t
+            .sni
+            .as_deref()
+            .and_then(|s| rustls::pki_types::ServerName::try_from(s.to_string()).ok())
+            .unwrap_or_else(|| {
+                rustls::pki_types::ServerName::from(
+                    p.backends
+                        .first()
+                        .map_or(std::net::IpAddr::from([127, 0, 0, 1]), |b| b.address.ip()),
+                )
+            });
+        (t.probe.clone(), name)
+    });
     PoolRt {
         name: p.name.clone(),
+        health: backends.iter().map(|b| b.health.clone()).collect(),
         backends,
         rr: SmoothRoundRobin::new(&weights),
+        check: p.health.clone(),
+        eject: p.eject.clone(),
+        min_healthy: p.min_healthy,
+        probe_host: p
+            .tls
+            .as_ref()
+            .and_then(|t| t.sni.clone())
+            .unwrap_or_default(),
+        probe_tls,
     }
 }
 

@@ -17,6 +17,8 @@ pub struct Shared {
     pub metrics: Metrics,
     pub access_log: AccessLogger,
     pub lifecycle: Lifecycle,
+    /// Backend health, keyed by pool + address: survives reloads.
+    pub health: crate::health::Registry,
     pub config_path: PathBuf,
     /// `file:line:col: message` of the last failed load, if the last load failed.
     pub last_error: Mutex<Option<String>>,
@@ -41,7 +43,8 @@ impl Shared {
             .chain(config.files.iter().cloned())
             .collect();
         let initial_fingerprint = crate::watch::fingerprint(&files);
-        let snapshot = Snapshot::build(config, 1, &metrics);
+        let health = crate::health::Registry::default();
+        let snapshot = Snapshot::build(config, 1, &metrics, &health);
         metrics.config_generation.set(1);
         metrics.config_last_reload_success.set(1);
         metrics.config_reloads.with_label_values(&["ok"]).inc();
@@ -50,6 +53,7 @@ impl Shared {
             metrics,
             access_log,
             lifecycle: Lifecycle::default(),
+            health,
             config_path,
             last_error: Mutex::new(None),
             restart_required: Mutex::new(None),
@@ -89,8 +93,14 @@ impl Shared {
         }
         let generation = old.generation + 1;
         let sha = cfg.sha256.clone();
+        let keep = cfg
+            .pools
+            .iter()
+            .flat_map(|p| p.backends.iter().map(|b| (p.name.clone(), b.address)))
+            .collect();
         self.snapshot
-            .store(Arc::new(Snapshot::build(cfg, generation, m)));
+            .store(Arc::new(Snapshot::build(cfg, generation, m, &self.health)));
+        self.health.retain(&keep, m);
         m.config_reloads.with_label_values(&["ok"]).inc();
         m.config_last_reload_success.set(1);
         m.config_generation.set(generation as i64);

@@ -72,6 +72,9 @@ pub struct UpstreamTlsMaterial {
     pub sni: Option<String>,
     pub ca: Option<Arc<[WrappedX509]>>,
     pub client: Option<Arc<CertKey>>,
+    /// For health probes: presents the client certificate, does not judge the server's (a
+    /// probe asks "are you up", traffic does the verifying).
+    pub probe: Arc<rustls::ClientConfig>,
 }
 
 impl fmt::Debug for UpstreamTlsMaterial {
@@ -100,10 +103,12 @@ pub fn load_upstream_material(
         }
         None => None,
     };
+    let mut probe_auth = None;
     let client = match client {
         Some((cert, key)) => {
             // Checked the way pingora will use them on connect, where a bad key would panic.
             let ck = load_server_cert(cert, key)?;
+            probe_auth = Some((ck.cert.clone(), load_key(key)?));
             let key_der = load_key(key)?;
             let raw_key = key_der.secret_der().to_vec();
             PrivateKeyDer::try_from(raw_key.clone())
@@ -117,7 +122,13 @@ pub fn load_upstream_material(
         rustls::pki_types::ServerName::try_from(name.as_str())
             .map_err(|_| format!("sni \"{name}\" is not a valid DNS name or IP address"))?;
     }
-    Ok(UpstreamTlsMaterial { sni, ca, client })
+    let probe = probe_config(probe_auth).map_err(|e| format!("client certificate: {e}"))?;
+    Ok(UpstreamTlsMaterial {
+        sni,
+        ca,
+        client,
+        probe,
+    })
 }
 
 /// The certificates of one snapshot, indexed for SNI.
@@ -302,6 +313,21 @@ pub mod hello {
 /// A client config for probing our own TLS listeners: it completes a handshake without judging
 /// the certificate. Never used for anything but readiness probes on local sockets.
 pub fn probe_client_config() -> Arc<rustls::ClientConfig> {
+    match probe_config(None) {
+        Ok(c) => c,
+        // without a client certificate building cannot fail
+        Err(_) => Arc::new(
+            rustls::ClientConfig::builder()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+        ),
+    }
+}
+
+/// A probe config that does not verify the server, optionally presenting a client certificate.
+fn probe_config(
+    client: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
     #[derive(Debug)]
     struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
     impl rustls::client::danger::ServerCertVerifier for AnyCert {
@@ -346,22 +372,15 @@ pub fn probe_client_config() -> Arc<rustls::ClientConfig> {
         }
     }
     let p = provider();
-    let cfg = rustls::ClientConfig::builder_with_provider(p.clone())
-        .with_safe_default_protocol_versions()
-        .map(|b| {
-            b.dangerous()
-                .with_custom_certificate_verifier(Arc::new(AnyCert(p)))
-                .with_no_client_auth()
-        });
-    match cfg {
-        Ok(c) => Arc::new(c),
-        // the ring provider always supports the default versions
-        Err(_) => Arc::new(
-            rustls::ClientConfig::builder()
-                .with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth(),
-        ),
-    }
+    let b = rustls::ClientConfig::builder_with_provider(p.clone())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(p)));
+    let cfg = match client {
+        Some((chain, key)) => b.with_client_auth_cert(chain, key)?,
+        None => b.with_no_client_auth(),
+    };
+    Ok(Arc::new(cfg))
 }
 
 #[cfg(test)]

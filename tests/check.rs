@@ -198,9 +198,15 @@ fn broken_configs_name_file_line_and_key() {
         ("[admin]", "[admn]", "[admn]", "unknown key `admn`"),
         (
             "[[pool]]\nname = \"a\"",
-            "[[pool]]\nname = \"a\"\nhealth = { path = \"/\" }",
+            "[[pool]]\nname = \"a\"\nhealth = { path = \"healthz\", interval = \"1s\" }",
             "health =",
-            "`pool[0].health` is not supported yet",
+            "`pool[0].health.path` must be a path starting with \"/\"",
+        ),
+        (
+            "[[pool]]\nname = \"a\"",
+            "[[pool]]\nname = \"a\"\neject = { consecutive_failures = 3, base_time = \"10s\", max_time = \"5s\" }",
+            "eject =",
+            "`pool[0].eject.max_time` must be at least `base_time`",
         ),
         (
             "hosts = [\"shop.test\"]\npath_prefix",

@@ -100,6 +100,51 @@ pub struct Pool {
     pub read_timeout: Duration,
     pub tls: Option<UpstreamTlsMaterial>,
     pub http2: bool,
+    pub health: HealthCheck,
+    pub eject: Eject,
+    /// Share of backends kept in rotation even when failing (0.0 ..= 1.0).
+    pub min_healthy: f64,
+}
+
+/// Active checks: an HTTP GET of `path` (any 2xx/3xx is healthy), or a TCP connect when the
+/// pool has no `health` table (`path` is `None`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheck {
+    pub path: Option<String>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub unhealthy_after: u32,
+    pub healthy_after: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            path: None,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            unhealthy_after: 2,
+            healthy_after: 2,
+        }
+    }
+}
+
+/// Passive ejection on live traffic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Eject {
+    pub consecutive_failures: u32,
+    pub base_time: Duration,
+    pub max_time: Duration,
+}
+
+impl Default for Eject {
+    fn default() -> Self {
+        Eject {
+            consecutive_failures: 3,
+            base_time: Duration::from_secs(5),
+            max_time: Duration::from_secs(60),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -701,13 +746,15 @@ impl Builder<'_, '_> {
                     "http2",
                 ],
             );
-            not_yet(self.d, &t, "health", "active health checks");
-            not_yet(self.d, &t, "eject", "passive ejection");
-            if let Some(m) = t.float(self.d, "min_healthy", 0.0, 1.0) {
-                if m.value > 0.0 {
-                    not_yet(self.d, &t, "min_healthy", "health ejection floor");
-                }
-            }
+            let health = t
+                .table(self.d, "health")
+                .map_or_else(HealthCheck::default, |h| self.health(&h));
+            let eject = t
+                .table(self.d, "eject")
+                .map_or_else(Eject::default, |e| self.eject(&e));
+            let min_healthy = t
+                .float(self.d, "min_healthy", 0.0, 1.0)
+                .map_or(0.0, |m| m.value);
             let name = self.unique_name(&t, &mut seen, "pool");
             let region = t.string(self.d, "region").and_then(|r| {
                 if regions.iter().any(|g| g.name == r.value) {
@@ -749,10 +796,93 @@ impl Builder<'_, '_> {
                     read_timeout,
                     tls,
                     http2,
+                    health,
+                    eject,
+                    min_healthy,
                 });
             }
         }
         out
+    }
+
+    fn positive(&mut self, t: &Table, key: &str) -> Option<Duration> {
+        let d = t.duration(self.d, key)?;
+        if d.value.is_zero() {
+            self.d
+                .error(&d.span, format!("`{}.{key}` must be above zero", t.path));
+            return None;
+        }
+        Some(d.value)
+    }
+
+    fn health(&mut self, t: &Table) -> HealthCheck {
+        t.check_keys(
+            self.d,
+            &[
+                "path",
+                "interval",
+                "timeout",
+                "unhealthy_after",
+                "healthy_after",
+            ],
+        );
+        let mut h = HealthCheck::default();
+        match t.string(self.d, "path") {
+            Some(p) if p.value.starts_with('/') && !p.value.contains(char::is_whitespace) => {
+                h.path = Some(p.value)
+            }
+            Some(p) => self.d.error(
+                &p.span,
+                format!("`{}.path` must be a path starting with \"/\"", t.path),
+            ),
+            None => self
+                .d
+                .error(&t.span, format!("`{}` is missing key `path`", t.path)),
+        }
+        if let Some(v) = self.positive(t, "interval") {
+            h.interval = v;
+        }
+        if let Some(v) = self.positive(t, "timeout") {
+            h.timeout = v;
+        }
+        if h.timeout > h.interval {
+            if let Some(span) = t.raw("timeout").map(|v| v.span()) {
+                self.d.error(
+                    &span,
+                    format!("`{}.timeout` must not exceed `interval`", t.path),
+                );
+            }
+        }
+        if let Some(n) = t.integer(self.d, "unhealthy_after", 1, 100) {
+            h.unhealthy_after = n.value as u32;
+        }
+        if let Some(n) = t.integer(self.d, "healthy_after", 1, 100) {
+            h.healthy_after = n.value as u32;
+        }
+        h
+    }
+
+    fn eject(&mut self, t: &Table) -> Eject {
+        t.check_keys(self.d, &["consecutive_failures", "base_time", "max_time"]);
+        let mut e = Eject::default();
+        if let Some(n) = t.integer(self.d, "consecutive_failures", 1, 1000) {
+            e.consecutive_failures = n.value as u32;
+        }
+        if let Some(v) = self.positive(t, "base_time") {
+            e.base_time = v;
+        }
+        if let Some(v) = self.positive(t, "max_time") {
+            e.max_time = v;
+        }
+        if e.max_time < e.base_time {
+            if let Some(span) = t.raw("max_time").map(|v| v.span()) {
+                self.d.error(
+                    &span,
+                    format!("`{}.max_time` must be at least `base_time`", t.path),
+                );
+            }
+        }
+        e
     }
 
     fn backends(&mut self, t: &Table) -> Vec<Backend> {

@@ -105,7 +105,11 @@ impl Backend {
     }
 
     pub fn start_with(dir: &Path, name: &str, tls: Option<BackendTls>) -> Backend {
-        let addr = free_addr();
+        Self::start_on(dir, name, free_addr(), tls)
+    }
+
+    /// Starts (or restarts) a backend on a given address.
+    pub fn start_on(dir: &Path, name: &str, addr: SocketAddr, tls: Option<BackendTls>) -> Backend {
         let listen = addr.to_string();
         let mut args = vec!["demo-backend", "--listen", &listen, "--name", name];
         let (c, k, ca);
@@ -118,7 +122,7 @@ impl Backend {
                 args.extend(["--client-ca", &ca]);
             }
         }
-        let proc = spawn(&args, dir, &format!("backend-{name}"));
+        let proc = spawn(&args, dir, &format!("backend-{name}-{}", addr.port()));
         assert!(
             wait_for_port(addr, Duration::from_secs(10)),
             "backend {name} did not start: {}",
