@@ -18,14 +18,6 @@ struct Setup {
     sluice: Sluice,
 }
 
-fn toml_list(addrs: &[SocketAddr]) -> String {
-    addrs
-        .iter()
-        .map(|a| format!("\"{a}\""))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 fn gateway(dir: &std::path::Path, body: &str) -> Setup {
     let ca = Ca::new(dir, "front");
     let (cert, key) = ca.issue(dir, "front", &["localhost", "shop.test", "api.test"]);
@@ -108,7 +100,7 @@ hosts = ["*"]
 path_prefix = "/"
 blue = ["p"]
 "#,
-        toml_list(backends)
+        toml_addrs(backends)
     )
 }
 

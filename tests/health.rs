@@ -12,11 +12,7 @@ use common::*;
 
 /// One catch-all route over one pool with fast checks; `pool_extra` adds pool keys.
 fn config(listen: SocketAddr, backends: &[SocketAddr], pool_extra: &str) -> String {
-    let list = backends
-        .iter()
-        .map(|a| format!("\"{a}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let list = toml_addrs(backends);
     format!(
         r#"[server]
 threads = 2
@@ -42,36 +38,15 @@ blue = ["p"]
     )
 }
 
-/// GET / over a new connection: (status, body, retry-after).
+/// GET / over a new connection: (status, body, retry-after); status 0 when it failed.
 fn fetch(listen: SocketAddr) -> (u16, String, Option<String>) {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(listen) else {
-        return (0, "connect failed".into(), None);
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    if write!(s, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").is_err() {
-        return (0, "write failed".into(), None);
+    match request(listen, "GET", "/", &[]) {
+        Some(r) => {
+            let retry_after = r.header("retry-after").map(String::from);
+            (r.code, r.body.trim().to_string(), retry_after)
+        }
+        None => (0, "request failed".into(), None),
     }
-    let mut buf = String::new();
-    if s.read_to_string(&mut buf).is_err() {
-        return (0, "read failed".into(), None);
-    }
-    let code = buf
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let retry_after = buf.lines().find_map(|l| {
-        l.to_ascii_lowercase()
-            .strip_prefix("retry-after: ")
-            .map(|v| v.trim().to_string())
-    });
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map_or("", |b| b.1)
-        .trim()
-        .to_string();
-    (code, body, retry_after)
 }
 
 /// The /status entry of a backend.

@@ -14,11 +14,7 @@ use common::*;
 
 /// A plain listener config with one catch-all route over `backends`, plus `extra` TOML.
 fn config(listen: SocketAddr, backends: &[SocketAddr], extra: &str) -> String {
-    let list = backends
-        .iter()
-        .map(|a| format!("\"{a}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let list = toml_addrs(backends);
     format!(
         r#"[server]
 threads = 2
@@ -40,20 +36,9 @@ blue = ["p"]
     )
 }
 
-/// The body (backend name) of GET / through `listen`, with an optional Host.
+/// (status, trimmed body) of GET `path` with `Host: host` through `listen`.
 fn fetch(listen: SocketAddr, host: &str, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(listen).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let code = buf.split(' ').nth(1)?.parse().ok()?;
-    Some((code, buf.split_once("\r\n\r\n")?.1.trim().to_string()))
+    request(listen, "GET", path, &[("Host", host)]).map(|r| (r.code, r.body.trim().to_string()))
 }
 
 fn generation(s: &Sluice) -> u64 {
