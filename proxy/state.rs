@@ -27,9 +27,9 @@ pub struct Shared {
     pub restart_required: Mutex<Option<String>>,
     /// Reloads run one at a time.
     reload_lock: Mutex<()>,
-    /// Fingerprint of the files as they were when the first config was loaded (the watcher
-    /// starts from it, so a change made before it was watching is not missed).
-    pub initial_fingerprint: String,
+    /// Fingerprint of the config file and the files it names as of the last load, whether
+    /// it succeeded or was refused: the watcher reloads only when the files differ from it.
+    loaded_fingerprint: Mutex<String>,
 }
 
 impl Shared {
@@ -39,10 +39,10 @@ impl Shared {
             &config.server.access_log,
             metrics.access_log_dropped.clone(),
         )?;
-        let files: Vec<PathBuf> = std::iter::once(config_path.clone())
-            .chain(config.files.iter().cloned())
-            .collect();
-        let initial_fingerprint = crate::watch::fingerprint(&files);
+        let loaded_fingerprint = Mutex::new(crate::watch::fingerprint(&config_files(
+            &config_path,
+            &config,
+        )));
         let health = crate::health::Registry::default();
         let snapshot = Snapshot::build(config, 1, &metrics, &health);
         metrics.config_generation.set(1);
@@ -58,8 +58,23 @@ impl Shared {
             last_error: Mutex::new(None),
             restart_required: Mutex::new(None),
             reload_lock: Mutex::new(()),
-            initial_fingerprint,
+            loaded_fingerprint,
         }))
+    }
+
+    /// The config file and every file the serving config names.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        config_files(&self.config_path, &self.snapshot().config)
+    }
+
+    /// Whether the watched files differ from what the last load read.
+    pub fn files_changed(&self) -> bool {
+        let now = crate::watch::fingerprint(&self.watched_files());
+        *self
+            .loaded_fingerprint
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            != now
     }
 
     /// Re-reads the config file and everything it names; on success the new snapshot serves the
@@ -72,6 +87,11 @@ impl Shared {
         let mut cfg = match crate::config::load(&self.config_path) {
             Ok(cfg) => cfg,
             Err(diags) => {
+                // remember the refused content, so only a further change retries it
+                set(
+                    &self.loaded_fingerprint,
+                    crate::watch::fingerprint(&config_files(&self.config_path, &old.config)),
+                );
                 let msg = diags
                     .iter()
                     .map(|d| d.to_string())
@@ -93,6 +113,10 @@ impl Shared {
         }
         let generation = old.generation + 1;
         let sha = cfg.sha256.clone();
+        set(
+            &self.loaded_fingerprint,
+            crate::watch::fingerprint(&config_files(&self.config_path, &cfg)),
+        );
         let keep = cfg
             .pools
             .iter()
@@ -125,6 +149,12 @@ impl Shared {
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().map(|e| e.clone()).unwrap_or(None)
     }
+}
+
+fn config_files(path: &std::path::Path, config: &Config) -> Vec<PathBuf> {
+    std::iter::once(path.to_path_buf())
+        .chain(config.files.iter().cloned())
+        .collect()
 }
 
 fn set<T>(m: &Mutex<T>, v: T) {

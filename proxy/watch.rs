@@ -24,14 +24,6 @@ pub struct Watcher {
     pub shared: Arc<Shared>,
 }
 
-/// Files the running config depends on: itself first.
-fn watched_files(shared: &Shared) -> Vec<PathBuf> {
-    let snap = shared.snapshot();
-    std::iter::once(shared.config_path.clone())
-        .chain(snap.config.files.iter().cloned())
-        .collect()
-}
-
 /// A digest of the current content of `files` (a missing file counts as its own content).
 pub fn fingerprint(files: &[PathBuf]) -> String {
     let mut h = Sha256::new();
@@ -100,11 +92,10 @@ impl BackgroundService for Watcher {
         };
         let mut dirs: HashSet<PathBuf> = HashSet::new();
         let mut names: HashSet<std::ffi::OsString> = HashSet::new();
-        let mut files = watched_files(&self.shared);
-        let mut applied = self.shared.initial_fingerprint.clone();
         let mut first = true;
         loop {
             // (re)watch the directories of whatever the config names now
+            let files = self.shared.watched_files();
             if let Some(w) = watcher.as_mut() {
                 names = files
                     .iter()
@@ -124,13 +115,9 @@ impl BackgroundService for Watcher {
             if first {
                 first = false;
                 self.shared.lifecycle.set_watching();
-                // anything that changed between the first load and now
-                if fingerprint(&files) != applied {
-                    applied = fingerprint(&files);
-                    if self.shared.reload("changed while starting").is_ok() {
-                        files = watched_files(&self.shared);
-                        applied = fingerprint(&files);
-                    }
+                // whatever changed between the first load and the watch being in place
+                if self.shared.files_changed() {
+                    let _ = self.shared.reload("changed while starting");
                     continue;
                 }
             }
@@ -140,22 +127,24 @@ impl BackgroundService for Watcher {
                     None => std::future::pending().await,
                 }
             };
+            let event = async {
+                match watcher.is_some() {
+                    true => rx.recv().await,
+                    false => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = hup_recv => {
                     let _ = self.shared.reload("SIGHUP");
-                    files = watched_files(&self.shared);
-                    applied = fingerprint(&files);
                     continue;
                 }
-                ev = rx.recv() => {
-                    match ev {
-                        Some(Ok(e)) if relevant(&e, &names) => {}
-                        Some(Ok(_)) => continue,
-                        Some(Err(e)) => { log::warn!("file watch error: {e}"); continue; }
-                        None => { watcher = None; continue; }
-                    }
-                }
+                ev = event => match ev {
+                    Some(Ok(e)) if relevant(&e, &names) => {}
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => { log::warn!("file watch error: {e}"); continue; }
+                    None => { watcher = None; continue; }
+                },
             }
             // debounce: wait until our files are quiet, so a file being written is read once
             // it is complete (but never longer than MAX_DEBOUNCE)
@@ -170,14 +159,8 @@ impl BackgroundService for Watcher {
                     Ok(None) | Err(_) => break,
                 }
             }
-            let now = fingerprint(&files);
-            if now == applied {
-                continue;
-            }
-            applied = now;
-            if self.shared.reload("file change").is_ok() {
-                files = watched_files(&self.shared);
-                applied = fingerprint(&files);
+            if self.shared.files_changed() {
+                let _ = self.shared.reload("file change");
             }
         }
     }
