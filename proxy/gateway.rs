@@ -379,11 +379,8 @@ impl ProxyHttp for Gateway {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.start.elapsed();
-        let snap = ctx.snap.as_deref();
-        let route = snap.zip(ctx.route).map(|(s, r)| &s.routes[r]);
-        let pool = snap
-            .zip(route)
-            .and_then(|(s, r)| r.blue.get(ctx.pool_slot).map(|p| &s.pools[*p]));
+        let route = ctx.snap.as_deref().zip(ctx.route).map(|(s, r)| &s.routes[r]);
+        let pool = ctx.pool();
         match route {
             Some(r) => {
                 if status > 0 {
