@@ -1,0 +1,240 @@
+//! Per-client-IP rate limiting: governor's keyed GCRA limiter, one per distinct quota and scope.
+//!
+//! Limiters live in a registry keyed by scope (global or a route) and quota, outside any
+//! snapshot, so buckets survive reloads unless their quota changed. Keys are plain `u128`s (an
+//! IPv4 address, or an IPv6 address cut to its prefix), so a check allocates nothing.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
+
+/// A quota as configured: `requests` per `per`, at most `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Limit {
+    pub requests: u32,
+    pub per: Duration,
+    pub burst: u32,
+}
+
+impl Limit {
+    fn quota(&self) -> Option<Quota> {
+        let interval = self.per / self.requests.max(1);
+        let burst = NonZeroU32::new(self.burst)?;
+        Quota::with_period(interval.max(Duration::from_nanos(1))).map(|q| q.allow_burst(burst))
+    }
+
+    /// `RateLimit-Policy` value (draft-ietf-httpapi-ratelimit-headers): quota and window.
+    pub fn policy_header(&self) -> String {
+        format!(
+            "\"sluice\";q={};w={}",
+            self.requests,
+            self.per.as_secs().max(1)
+        )
+    }
+}
+
+type Keyed = RateLimiter<
+    u128,
+    DefaultKeyedStateStore<u128>,
+    DefaultClock,
+    StateInformationMiddleware,
+>;
+
+pub struct Limiter {
+    pub limit: Limit,
+    ipv6_prefix: u8,
+    inner: Keyed,
+    clock: DefaultClock,
+    /// `RateLimit-Policy` header value, made once.
+    pub policy: String,
+}
+
+/// The outcome of a check that said no.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Denied {
+    /// Whole seconds until the next request would pass (at least 1).
+    pub retry_after: u64,
+}
+
+impl Limiter {
+    fn new(limit: Limit, ipv6_prefix: u8) -> Option<Limiter> {
+        let clock = DefaultClock::default();
+        let inner = RateLimiter::dashmap_with_clock(limit.quota()?, clock.clone())
+            .with_middleware::<StateInformationMiddleware>();
+        Some(Limiter {
+            limit,
+            ipv6_prefix,
+            inner,
+            clock,
+            policy: limit.policy_header(),
+        })
+    }
+
+    /// The bucket a client address falls in.
+    pub fn key(&self, ip: IpAddr) -> u128 {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
+            IpAddr::V6(v6) => {
+                let bits = u32::from(self.ipv6_prefix.min(128));
+                let mask = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+                u128::from(v6) & mask
+            }
+        }
+    }
+
+    /// Counts one request from `ip`; `Err` when it is over the quota.
+    pub fn check(&self, ip: IpAddr) -> Result<(), Denied> {
+        match self.inner.check_key(&self.key(ip)) {
+            Ok(_) => Ok(()),
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(self.clock.now());
+                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                Err(Denied {
+                    retry_after: secs.max(1),
+                })
+            }
+        }
+    }
+
+    /// Drops buckets that are full again (clients idle for a whole window): memory stays
+    /// bounded by the clients active in the last window.
+    pub fn shrink(&self) {
+        self.inner.retain_recent();
+        self.inner.shrink_to_fit();
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inner.is_empty()
+    }
+}
+
+/// Every limiter in use, by scope (`""` for `[rate_limit]`, else a route name) and quota.
+#[derive(Default)]
+pub struct Registry {
+    map: Mutex<HashMap<(String, Limit, u8), Arc<Limiter>>>,
+}
+
+impl Registry {
+    /// The limiter for a scope and quota: the same one (with its buckets) as long as neither
+    /// changes.
+    pub fn get(&self, scope: &str, limit: Limit, ipv6_prefix: u8) -> Option<Arc<Limiter>> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (scope.to_string(), limit, ipv6_prefix);
+        if let Some(l) = map.get(&key) {
+            return Some(l.clone());
+        }
+        let l = Arc::new(Limiter::new(limit, ipv6_prefix)?);
+        map.insert(key, l.clone());
+        Some(l)
+    }
+
+    /// Forgets limiters no snapshot uses any more.
+    pub fn retain(&self, in_use: &[Arc<Limiter>]) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, l| in_use.iter().any(|u| Arc::ptr_eq(u, l)));
+    }
+
+    /// Shrinks every limiter (run periodically).
+    pub fn shrink_all(&self) {
+        let all: Vec<Arc<Limiter>> = {
+            let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+            map.values().cloned().collect()
+        };
+        for l in all {
+            l.shrink();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit(requests: u32, per_ms: u64) -> Limit {
+        Limit {
+            requests,
+            per: Duration::from_millis(per_ms),
+            burst: requests,
+        }
+    }
+
+    #[test]
+    fn exactly_n_then_denied_then_again() {
+        let reg = Registry::default();
+        let l = reg.get("", limit(5, 300), 64).expect("limiter");
+        let a: IpAddr = "192.0.2.1".parse().expect("ip");
+        for _ in 0..5 {
+            assert_eq!(l.check(a), Ok(()));
+        }
+        assert_eq!(l.check(a), Err(Denied { retry_after: 1 }));
+        // another client has its own bucket
+        assert_eq!(l.check("192.0.2.2".parse().expect("ip")), Ok(()));
+        std::thread::sleep(Duration::from_millis(320));
+        for _ in 0..5 {
+            assert_eq!(l.check(a), Ok(()));
+        }
+    }
+
+    #[test]
+    fn ipv6_clients_share_their_prefix() {
+        let reg = Registry::default();
+        let l = reg.get("", limit(2, 60_000), 64).expect("limiter");
+        let x: IpAddr = "2001:db8:1:2::1".parse().expect("ip");
+        let y: IpAddr = "2001:db8:1:2:ffff::9".parse().expect("ip");
+        let other: IpAddr = "2001:db8:1:3::1".parse().expect("ip");
+        assert_eq!(l.key(x), l.key(y));
+        assert_ne!(l.key(x), l.key(other));
+        assert!(l.check(x).is_ok());
+        assert!(l.check(y).is_ok());
+        assert!(l.check(x).is_err(), "rotating inside the /64 does not escape");
+        assert!(l.check(other).is_ok());
+        // IPv4 and its mapped form are one client
+        let v4: IpAddr = "192.0.2.9".parse().expect("ip");
+        let mapped: IpAddr = "::ffff:192.0.2.9".parse().expect("ip");
+        assert_eq!(l.key(v4), l.key(mapped));
+    }
+
+    #[test]
+    fn buckets_survive_unless_the_quota_changes() {
+        let reg = Registry::default();
+        let a = reg.get("", limit(2, 60_000), 64).expect("limiter");
+        let b = reg.get("", limit(2, 60_000), 64).expect("limiter");
+        assert!(Arc::ptr_eq(&a, &b));
+        let c = reg.get("", limit(3, 60_000), 64).expect("limiter");
+        assert!(!Arc::ptr_eq(&a, &c));
+        let d = reg.get("route-x", limit(2, 60_000), 64).expect("limiter");
+        assert!(!Arc::ptr_eq(&a, &d));
+        reg.retain(&[c.clone()]);
+        assert!(!Arc::ptr_eq(&a, &reg.get("", limit(2, 60_000), 64).expect("limiter")));
+    }
+
+    #[test]
+    fn idle_buckets_are_dropped() {
+        let reg = Registry::default();
+        let l = reg.get("", limit(10, 50), 64).expect("limiter");
+        for i in 0..1000u32 {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            assert!(l.check(ip).is_ok());
+        }
+        assert_eq!(l.len(), 1000);
+        std::thread::sleep(Duration::from_millis(80));
+        l.shrink();
+        assert!(l.is_empty());
+    }
+
+    #[test]
+    fn policy_header() {
+        assert_eq!(limit(1000, 60_000).policy_header(), "\"sluice\";q=1000;w=60");
+    }
+}
