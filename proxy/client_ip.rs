@@ -71,10 +71,19 @@ mod tests {
         // untrusted peer: the header is ignored
         assert_eq!(r("203.0.113.7", &["1.1.1.1"]), ip("203.0.113.7"));
         // trusted peer: the rightmost untrusted hop, not the spoofable leftmost one
-        assert_eq!(r("10.0.0.2", &["6.6.6.6, 198.51.100.4"]), ip("198.51.100.4"));
-        assert_eq!(r("10.0.0.2", &["6.6.6.6, 198.51.100.4, 10.0.0.9"]), ip("198.51.100.4"));
+        assert_eq!(
+            r("10.0.0.2", &["6.6.6.6, 198.51.100.4"]),
+            ip("198.51.100.4")
+        );
+        assert_eq!(
+            r("10.0.0.2", &["6.6.6.6, 198.51.100.4, 10.0.0.9"]),
+            ip("198.51.100.4")
+        );
         // several headers read as one list
-        assert_eq!(r("10.0.0.2", &["6.6.6.6", "198.51.100.4"]), ip("198.51.100.4"));
+        assert_eq!(
+            r("10.0.0.2", &["6.6.6.6", "198.51.100.4"]),
+            ip("198.51.100.4")
+        );
         // all trusted: the leftmost
         assert_eq!(r("10.0.0.2", &["10.0.0.3, 10.0.0.4"]), ip("10.0.0.3"));
         // no header
@@ -83,7 +92,10 @@ mod tests {
         assert_eq!(r("10.0.0.2", &["198.51.100.4:5555"]), ip("198.51.100.4"));
         assert_eq!(r("10.0.0.2", &["[2001:db8::1]:443"]), ip("2001:db8::1"));
         // garbage stops the walk at the last address we could read
-        assert_eq!(r("10.0.0.2", &["198.51.100.4, garbage, 10.0.0.5"]), ip("10.0.0.5"));
+        assert_eq!(
+            r("10.0.0.2", &["198.51.100.4, garbage, 10.0.0.5"]),
+            ip("10.0.0.5")
+        );
         // IPv4-mapped IPv6 peers count as IPv4
         assert_eq!(r("::ffff:10.0.0.2", &["198.51.100.4"]), ip("198.51.100.4"));
     }

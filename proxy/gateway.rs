@@ -14,6 +14,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
 use serde::Serialize;
 
+use crate::client_ip;
 use crate::metrics::code_class;
 use crate::router::normalize_host;
 use crate::snapshot::{NoBackend, PoolRt, Snapshot};
@@ -41,6 +42,8 @@ pub struct Ctx {
     tls: bool,
     /// Seconds for `Retry-After` when every backend is down.
     retry_after: Option<u64>,
+    /// The client address: the peer, or what trusted proxies say it is.
+    client_ip: Option<IpAddr>,
     _inflight: Option<InflightGuard>,
 }
 
@@ -61,14 +64,14 @@ impl Gateway {
         ctx: &Ctx,
         code: u16,
         body: &str,
-        extra: Option<(&'static str, String)>,
+        extra: &[(&'static str, String)],
     ) -> Result<()> {
         let mut h = ResponseHeader::build(code, Some(6))?;
         h.insert_header("content-type", "text/plain; charset=utf-8")?;
         h.insert_header("content-length", body.len().to_string())?;
         h.insert_header("cache-control", "no-store")?;
-        if let Some((name, value)) = extra {
-            h.insert_header(name, value)?;
+        for (name, value) in extra {
+            h.insert_header(*name, value.as_str())?;
         }
         if !ctx.request_id.is_empty() {
             h.insert_header("x-request-id", ctx.request_id.as_str())?;
@@ -146,6 +149,7 @@ impl ProxyHttp for Gateway {
             host: String::new(),
             tls: false,
             retry_after: None,
+            client_ip: None,
             _inflight: Some(self.shared.lifecycle.enter()),
         }
     }
@@ -182,20 +186,48 @@ impl ProxyHttp for Gateway {
                 ctx,
                 308,
                 "redirecting to https\n",
-                Some(("location", location)),
+                &[("location", location)],
             )
             .await?;
             return Ok(true);
         }
 
-        let path = req.uri.path();
+        ctx.client_ip = Self::client_ip(session).map(|peer| {
+            let xff = session
+                .req_header()
+                .headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok());
+            client_ip::resolve(peer, xff, &snap.trusted_proxies)
+        });
+        let path = session.req_header().uri.path();
         match snap.router.route(&ctx.host, path) {
             Some(r) => {
                 ctx.route = Some(r);
+                let route = &snap.routes[r];
+                if let (Some(limiter), Some(ip)) = (&route.limit, ctx.client_ip) {
+                    if !client_ip::is_in(ip, &snap.exempt) {
+                        if let Err(denied) = limiter.check(ip) {
+                            route.rate_limited.inc();
+                            let headers = [
+                                ("retry-after", denied.retry_after.to_string()),
+                                ("ratelimit-policy", limiter.policy.clone()),
+                                (
+                                    "ratelimit",
+                                    format!("\"sluice\";r=0;t={}", denied.retry_after),
+                                ),
+                            ];
+                            self.respond(session, ctx, 429, "rate limit exceeded\n", &headers)
+                                .await?;
+                            return Ok(true);
+                        }
+                    }
+                }
                 Ok(false)
             }
             None => {
-                self.respond(session, ctx, 404, "no route for this host and path\n", None)
+                self.respond(session, ctx, 404, "no route for this host and path\n", &[])
                     .await?;
                 Ok(true)
             }
@@ -362,11 +394,13 @@ impl ProxyHttp for Gateway {
             },
         };
         if code > 0 && session.response_written().is_none() {
-            let retry_after = ctx
+            let retry_after: Vec<_> = ctx
                 .retry_after
                 .filter(|_| code == 503)
-                .map(|s| ("retry-after", s.to_string()));
-            if let Err(err) = self.respond(session, ctx, code, body, retry_after).await {
+                .map(|s| ("retry-after", s.to_string()))
+                .into_iter()
+                .collect();
+            if let Err(err) = self.respond(session, ctx, code, body, &retry_after).await {
                 log::debug!("cannot send error response: {err}");
             }
         }
@@ -379,7 +413,11 @@ impl ProxyHttp for Gateway {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.start.elapsed();
-        let route = ctx.snap.as_deref().zip(ctx.route).map(|(s, r)| &s.routes[r]);
+        let route = ctx
+            .snap
+            .as_deref()
+            .zip(ctx.route)
+            .map(|(s, r)| &s.routes[r]);
         let pool = ctx.pool();
         match route {
             Some(r) => {
@@ -409,7 +447,7 @@ impl ProxyHttp for Gateway {
         let req = session.req_header();
         let line = AccessLine {
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            client: Self::client_ip(session).map(|i| i.to_string()),
+            client: ctx.client_ip.map(|i| i.to_string()),
             method: req.method.as_str(),
             host: &ctx.host,
             path: req.uri.path(),

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub backend_healthy: IntGaugeVec,
     /// `pool`, `backend`, `reason` = active / passive
     pub backend_ejections: IntCounterVec,
+    /// `route`: requests answered 429
+    pub rate_limited: IntCounterVec,
     /// `route`, `color`: the share of clients each color gets (0-100)
     pub route_weight: IntGaugeVec,
     /// `result` = ok / error
@@ -83,6 +85,13 @@ impl Metrics {
             ),
             &["pool", "backend", "reason"],
         )?;
+        let rate_limited = IntCounterVec::new(
+            Opts::new(
+                "sluice_rate_limited_total",
+                "Requests refused with 429, by route",
+            ),
+            &["route"],
+        )?;
         let route_weight = IntGaugeVec::new(
             Opts::new(
                 "sluice_route_weight",
@@ -111,6 +120,7 @@ impl Metrics {
         registry.register(Box::new(downstream_connections.clone()))?;
         registry.register(Box::new(backend_healthy.clone()))?;
         registry.register(Box::new(backend_ejections.clone()))?;
+        registry.register(Box::new(rate_limited.clone()))?;
         registry.register(Box::new(route_weight.clone()))?;
         registry.register(Box::new(config_reloads.clone()))?;
         registry.register(Box::new(config_generation.clone()))?;
@@ -123,6 +133,7 @@ impl Metrics {
             downstream_connections,
             backend_healthy,
             backend_ejections,
+            rate_limited,
             route_weight,
             config_reloads,
             config_generation,

@@ -40,12 +40,8 @@ impl Limit {
     }
 }
 
-type Keyed = RateLimiter<
-    u128,
-    DefaultKeyedStateStore<u128>,
-    DefaultClock,
-    StateInformationMiddleware,
->;
+type Keyed =
+    RateLimiter<u128, DefaultKeyedStateStore<u128>, DefaultClock, StateInformationMiddleware>;
 
 pub struct Limiter {
     pub limit: Limit,
@@ -83,7 +79,11 @@ impl Limiter {
             IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
             IpAddr::V6(v6) => {
                 let bits = u32::from(self.ipv6_prefix.min(128));
-                let mask = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+                let mask = if bits == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - bits)
+                };
                 u128::from(v6) & mask
             }
         }
@@ -157,6 +157,24 @@ impl Registry {
     }
 }
 
+/// Drops idle buckets every few seconds so memory follows the clients of the last window.
+pub struct Upkeep {
+    pub shared: Arc<crate::state::Shared>,
+}
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for Upkeep {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+            self.shared.limits.shrink_all();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,7 +215,10 @@ mod tests {
         assert_ne!(l.key(x), l.key(other));
         assert!(l.check(x).is_ok());
         assert!(l.check(y).is_ok());
-        assert!(l.check(x).is_err(), "rotating inside the /64 does not escape");
+        assert!(
+            l.check(x).is_err(),
+            "rotating inside the /64 does not escape"
+        );
         assert!(l.check(other).is_ok());
         // IPv4 and its mapped form are one client
         let v4: IpAddr = "192.0.2.9".parse().expect("ip");
@@ -215,8 +236,11 @@ mod tests {
         assert!(!Arc::ptr_eq(&a, &c));
         let d = reg.get("route-x", limit(2, 60_000), 64).expect("limiter");
         assert!(!Arc::ptr_eq(&a, &d));
-        reg.retain(&[c.clone()]);
-        assert!(!Arc::ptr_eq(&a, &reg.get("", limit(2, 60_000), 64).expect("limiter")));
+        reg.retain(std::slice::from_ref(&c));
+        assert!(!Arc::ptr_eq(
+            &a,
+            &reg.get("", limit(2, 60_000), 64).expect("limiter")
+        ));
     }
 
     #[test]
@@ -235,6 +259,9 @@ mod tests {
 
     #[test]
     fn policy_header() {
-        assert_eq!(limit(1000, 60_000).policy_header(), "\"sluice\";q=1000;w=60");
+        assert_eq!(
+            limit(1000, 60_000).policy_header(),
+            "\"sluice\";q=1000;w=60"
+        );
     }
 }

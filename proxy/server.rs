@@ -134,6 +134,12 @@ pub fn run(config_path: &Path) -> Result<(), String> {
         },
     ));
     server.add_service(background_service(
+        "rate limit upkeep",
+        crate::rate_limit::Upkeep {
+            shared: shared.clone(),
+        },
+    ));
+    server.add_service(background_service(
         "config watcher",
         crate::watch::Watcher {
             shared: shared.clone(),

@@ -9,11 +9,13 @@ use pingora::upstreams::peer::HttpPeer;
 use prometheus::{Histogram, IntCounter};
 
 use crate::balancer::SmoothRoundRobin;
-use crate::config::{Config, Eject, HealthCheck, Listener};
+use crate::config::{Config, Eject, HealthCheck, Listener, RouteLimit};
 use crate::health::{self, BackendHealth, Clock, ProbeTarget};
 use crate::metrics::{Metrics, CODE_CLASSES};
+use crate::rate_limit::{self, Limiter};
 use crate::router::Router;
 use crate::tls::CertSet;
+use ipnet::IpNet;
 
 /// How long an idle upstream connection is kept for reuse.
 const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
@@ -28,6 +30,10 @@ pub struct Snapshot {
     pub certs: Arc<CertSet>,
     /// `Strict-Transport-Security` value, `None` when disabled or without TLS.
     pub hsts: Option<String>,
+    /// `[client_ip] trusted_proxies`.
+    pub trusted_proxies: Vec<IpNet>,
+    /// `[rate_limit] exempt`.
+    pub exempt: Vec<IpNet>,
 }
 
 pub struct RouteRt {
@@ -37,6 +43,9 @@ pub struct RouteRt {
     pub duration: Histogram,
     /// Per blue pool (same order as `blue`), one counter per status class.
     pub blue_requests: Vec<[IntCounter; 5]>,
+    /// The route's rate limiter, if it is limited.
+    pub limit: Option<Arc<Limiter>>,
+    pub rate_limited: IntCounter,
 }
 
 pub struct PoolRt {
@@ -113,6 +122,7 @@ impl Snapshot {
         generation: u64,
         metrics: &Metrics,
         health: &health::Registry,
+        limits: &rate_limit::Registry,
     ) -> Snapshot {
         let pools: Vec<PoolRt> = config
             .pools
@@ -147,6 +157,8 @@ impl Snapshot {
                         })
                     })
                     .collect(),
+                limit: route_limiter(&config, r, limits),
+                rate_limited: metrics.rate_limited.with_label_values(&[&r.name]),
             })
             .collect();
         let router = Router::new(
@@ -173,12 +185,18 @@ impl Snapshot {
         Snapshot {
             generation,
             loaded_at: SystemTime::now(),
-            config,
             router,
             routes,
             pools,
             certs: Arc::new(certs),
             hsts,
+            trusted_proxies: config.client_ip.trusted_proxies.clone(),
+            exempt: config
+                .rate_limit
+                .as_ref()
+                .map(|r| r.exempt.clone())
+                .unwrap_or_default(),
+            config,
         }
     }
 
@@ -205,6 +223,24 @@ impl Snapshot {
     /// The listener a connection arrived on, from the connection's local address.
     pub fn listener(&self, local: SocketAddr) -> Option<&Listener> {
         find_listener(&self.config.listeners, local, |l| l.listen)
+    }
+}
+
+/// The limiter of a route: its own quota (scope: the route), `[rate_limit]`'s (shared scope),
+/// or none.
+fn route_limiter(
+    config: &Config,
+    r: &crate::config::Route,
+    limits: &rate_limit::Registry,
+) -> Option<Arc<Limiter>> {
+    let prefix = config.rate_limit.as_ref().map_or(64, |g| g.ipv6_prefix);
+    match r.rate_limit {
+        RouteLimit::Off => None,
+        RouteLimit::Own(l) => limits.get(&r.name, l, prefix),
+        RouteLimit::Inherit => config
+            .rate_limit
+            .as_ref()
+            .and_then(|g| limits.get("", g.limit, g.ipv6_prefix)),
     }
 }
 

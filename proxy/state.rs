@@ -19,6 +19,8 @@ pub struct Shared {
     pub lifecycle: Lifecycle,
     /// Backend health, keyed by pool + address: survives reloads.
     pub health: crate::health::Registry,
+    /// Rate-limit buckets, keyed by scope + quota: survive reloads that keep the quota.
+    pub limits: crate::rate_limit::Registry,
     pub config_path: PathBuf,
     /// `file:line:col: message` of the last failed load, if the last load failed.
     pub last_error: Mutex<Option<String>>,
@@ -44,7 +46,8 @@ impl Shared {
             &config,
         )));
         let health = crate::health::Registry::default();
-        let snapshot = Snapshot::build(config, 1, &metrics, &health);
+        let limits = crate::rate_limit::Registry::default();
+        let snapshot = Snapshot::build(config, 1, &metrics, &health, &limits);
         metrics.config_generation.set(1);
         metrics.config_last_reload_success.set(1);
         metrics.config_reloads.with_label_values(&["ok"]).inc();
@@ -54,6 +57,7 @@ impl Shared {
             access_log,
             lifecycle: Lifecycle::default(),
             health,
+            limits,
             config_path,
             last_error: Mutex::new(None),
             restart_required: Mutex::new(None),
@@ -122,9 +126,11 @@ impl Shared {
             .iter()
             .flat_map(|p| p.backends.iter().map(|b| (p.name.clone(), b.address)))
             .collect();
-        self.snapshot
-            .store(Arc::new(Snapshot::build(cfg, generation, m, &self.health)));
+        let snap = Snapshot::build(cfg, generation, m, &self.health, &self.limits);
+        let limiters: Vec<_> = snap.routes.iter().filter_map(|r| r.limit.clone()).collect();
+        self.snapshot.store(Arc::new(snap));
         self.health.retain(&keep, m);
+        self.limits.retain(&limiters);
         m.config_reloads.with_label_values(&["ok"]).inc();
         m.config_last_reload_success.set(1);
         m.config_generation.set(generation as i64);

@@ -191,9 +191,9 @@ fn broken_configs_name_file_line_and_key() {
         ),
         (
             "[client_ip]",
-            "[rate_limit]\nrequests = 10\n\n[client_ip]",
-            "[rate_limit]",
-            "`rate_limit` is not supported yet",
+            "[rate_limit]\nrequests = 0\n\n[client_ip]",
+            "requests = 0",
+            "`rate_limit.requests` = 0 is out of range",
         ),
         ("[admin]", "[admn]", "[admn]", "unknown key `admn`"),
         (

@@ -18,6 +18,7 @@ use toml::de::DeTable;
 pub use reader::Diagnostic;
 use reader::{At, Diagnostics, Span, Table};
 
+pub use crate::rate_limit::Limit;
 use crate::tls::{self, ServerCert, UpstreamTlsMaterial};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +77,25 @@ pub struct Listener {
 pub struct ClientIp {
     pub trusted_proxies: Vec<IpNet>,
     pub proxy_protocol: bool,
+}
+
+/// `[rate_limit]`: a quota per client IP for every route that does not override it.
+#[derive(Debug, Clone)]
+pub struct RateLimit {
+    pub limit: Limit,
+    pub ipv6_prefix: u8,
+    pub exempt: Vec<IpNet>,
+}
+
+/// A route's rate limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteLimit {
+    /// `[rate_limit]` applies (if there is one).
+    Inherit,
+    /// `rate_limit = false`: never limited.
+    Off,
+    /// `[route.rate_limit]`: its own quota.
+    Own(Limit),
 }
 
 #[derive(Debug, Clone)]
@@ -164,6 +184,7 @@ pub struct Route {
     pub green: Vec<usize>,
     pub weights: (u8, u8),
     pub sticky: Sticky,
+    pub rate_limit: RouteLimit,
 }
 
 /// A validated config: everything the runtime snapshot is built from.
@@ -176,6 +197,7 @@ pub struct Config {
     pub tls: Option<Tls>,
     pub listeners: Vec<Listener>,
     pub client_ip: ClientIp,
+    pub rate_limit: Option<RateLimit>,
     pub regions: Vec<Region>,
     pub pools: Vec<Pool>,
     pub routes: Vec<Route>,
@@ -299,7 +321,6 @@ impl Builder<'_, '_> {
                 "route",
             ],
         );
-        not_yet(self.d, root, "rate_limit", "rate limiting");
         not_yet(self.d, root, "geoip", "geo-routing");
 
         let server = self.server(root);
@@ -307,6 +328,9 @@ impl Builder<'_, '_> {
         let tls = self.tls(root);
         let listeners = self.listeners(root, tls.is_some());
         let client_ip = self.client_ip(root);
+        let rate_limit = root
+            .table(self.d, "rate_limit")
+            .map(|t| self.rate_limit(&t));
         let regions = self.regions(root);
         let pools = self.pools(root, &regions);
         let routes = self.routes(root, &pools);
@@ -318,6 +342,7 @@ impl Builder<'_, '_> {
             tls,
             listeners,
             client_ip,
+            rate_limit,
             regions,
             pools,
             routes,
@@ -616,14 +641,6 @@ impl Builder<'_, '_> {
         t.check_keys(self.d, &["trusted_proxies", "proxy_protocol"]);
         if let Some(list) = t.strings(self.d, "trusted_proxies") {
             c.trusted_proxies = self.cidrs(&list, "client_ip.trusted_proxies");
-            if !c.trusted_proxies.is_empty() {
-                not_yet(
-                    self.d,
-                    &t,
-                    "trusted_proxies",
-                    "client IP from X-Forwarded-For",
-                );
-            }
         }
         if let Some(p) = t.boolean(self.d, "proxy_protocol") {
             if p.value {
@@ -631,6 +648,70 @@ impl Builder<'_, '_> {
             }
         }
         c
+    }
+
+    /// `requests`, `per` and `burst` of `[rate_limit]` or `[route.rate_limit]`.
+    fn limit(&mut self, t: &Table) -> Limit {
+        let requests = t
+            .integer(self.d, "requests", 1, 1_000_000_000)
+            .map_or(1000, |n| n.value as u32);
+        let per = t
+            .duration(self.d, "per")
+            .map_or(Duration::from_secs(60), |d| d.value);
+        if per < Duration::from_millis(1) {
+            if let Some(span) = t.raw("per").map(|v| v.span()) {
+                self.d
+                    .error(&span, format!("`{}.per` must be at least 1ms", t.path));
+            }
+        }
+        let burst = t
+            .integer(self.d, "burst", 1, 1_000_000_000)
+            .map_or(requests, |n| n.value as u32);
+        Limit {
+            requests,
+            per: per.max(Duration::from_millis(1)),
+            burst,
+        }
+    }
+
+    fn rate_limit(&mut self, t: &Table) -> RateLimit {
+        t.check_keys(
+            self.d,
+            &["requests", "per", "burst", "ipv6_prefix", "exempt"],
+        );
+        let limit = self.limit(t);
+        let ipv6_prefix = t
+            .integer(self.d, "ipv6_prefix", 1, 128)
+            .map_or(64, |n| n.value as u8);
+        let exempt = t
+            .strings(self.d, "exempt")
+            .map(|l| self.cidrs(&l, "rate_limit.exempt"))
+            .unwrap_or_default();
+        RateLimit {
+            limit,
+            ipv6_prefix,
+            exempt,
+        }
+    }
+
+    fn route_limit(&mut self, t: &Table) -> RouteLimit {
+        let Some(v) = t.raw("rate_limit") else {
+            return RouteLimit::Inherit;
+        };
+        if let Some(b) = v.get_ref().as_bool() {
+            return if b {
+                RouteLimit::Inherit
+            } else {
+                RouteLimit::Off
+            };
+        }
+        match t.table(self.d, "rate_limit") {
+            Some(rt) => {
+                rt.check_keys(self.d, &["requests", "per", "burst"]);
+                RouteLimit::Own(self.limit(&rt))
+            }
+            None => RouteLimit::Inherit,
+        }
     }
 
     fn cidrs(&mut self, list: &At<Vec<At<String>>>, key: &str) -> Vec<IpNet> {
@@ -995,8 +1076,8 @@ impl Builder<'_, '_> {
             );
             not_yet(self.d, &t, "rollback", "blue-green shifting");
             not_yet(self.d, &t, "override_header", "blue-green shifting");
-            not_yet(self.d, &t, "rate_limit", "rate limiting");
             let name = self.unique_name(&t, &mut seen, "route");
+            let rate_limit = self.route_limit(&t);
             let hosts = self.host_patterns(&t, "hosts");
             let path_prefix = match t.string(self.d, "path_prefix") {
                 Some(p) if p.value.starts_with('/') => p.value,
@@ -1084,6 +1165,7 @@ impl Builder<'_, '_> {
                     green,
                     weights,
                     sticky,
+                    rate_limit,
                 });
             }
         }
