@@ -57,7 +57,9 @@ pub struct BackendHealth {
     passive_failures: AtomicU32,
     ejections: AtomicU32,
     last_return: AtomicU64,
-    last_failure: AtomicU64,
+    /// When the backend last left the rotation (for the floor: it keeps the backends that
+    /// went down longest ago, a choice that does not flip while they keep failing).
+    down_since: AtomicU64,
     healthy_gauge: IntGauge,
     ejected_active: IntCounter,
     ejected_passive: IntCounter,
@@ -77,8 +79,14 @@ impl BackendHealth {
         !self.ejected.load(Relaxed) && self.probe_state.load(Relaxed) != UNHEALTHY
     }
 
-    pub fn last_failure_ms(&self) -> u64 {
-        self.last_failure.load(Relaxed)
+    pub fn down_since_ms(&self) -> u64 {
+        self.down_since.load(Relaxed)
+    }
+
+    fn went_down(&self, was_usable: bool, now: u64) {
+        if was_usable {
+            self.down_since.store(now, Relaxed);
+        }
     }
 
     pub fn ejected_until_ms(&self) -> Option<u64> {
@@ -93,13 +101,11 @@ impl BackendHealth {
 
     /// A connection to the backend failed: unambiguous, it leaves the rotation at once.
     pub fn connect_failed(&self, eject: &Eject) {
-        self.last_failure.store(self.clock.now_ms(), Relaxed);
         self.eject(eject, "connection failed");
     }
 
     /// A live request failed (timeout, reset, or a 502/503/504 from the backend).
     pub fn failure(&self, eject: &Eject) {
-        self.last_failure.store(self.clock.now_ms(), Relaxed);
         let n = self.passive_failures.fetch_add(1, Relaxed) + 1;
         if n >= eject.consecutive_failures {
             self.eject(eject, &format!("{n} consecutive failures"));
@@ -115,10 +121,12 @@ impl BackendHealth {
     }
 
     fn eject(&self, eject: &Eject, why: &str) {
+        let was_usable = self.usable();
         if self.ejected.swap(true, Relaxed) {
             return; // already out
         }
         let now = self.clock.now_ms();
+        self.went_down(was_usable, now);
         // a backend that stayed in rotation for max_time starts its backoff afresh
         if now.saturating_sub(self.last_return.load(Relaxed)) > eject.max_time.as_millis() as u64 {
             self.ejections.store(0, Relaxed);
@@ -169,9 +177,9 @@ impl BackendHealth {
             }
         } else {
             self.ok_streak.store(0, Relaxed);
-            self.last_failure.store(now, Relaxed);
             let streak = self.fail_streak.fetch_add(1, Relaxed) + 1;
             if self.probe_state.load(Relaxed) != UNHEALTHY && streak >= check.unhealthy_after {
+                self.went_down(self.usable(), now);
                 self.probe_state.store(UNHEALTHY, Relaxed);
                 self.ejected_active.inc();
                 log::warn!(
@@ -247,7 +255,7 @@ impl Registry {
                     passive_failures: AtomicU32::new(0),
                     ejections: AtomicU32::new(0),
                     last_return: AtomicU64::new(0),
-                    last_failure: AtomicU64::new(0),
+                    down_since: AtomicU64::new(0),
                     healthy_gauge: gauge,
                     ejected_active: metrics
                         .backend_ejections
@@ -275,14 +283,15 @@ impl Registry {
 }
 
 /// Which backends of a pool may take traffic: the usable ones, plus, when fewer than
-/// `min_healthy` of them are usable, the least recently failed others up to that share.
+/// `min_healthy` of them are usable, the others that failed least recently (went out of
+/// rotation longest ago) up to that share.
 pub fn allowed(health: &[Arc<BackendHealth>], min_healthy: f64) -> Vec<bool> {
     let mut ok: Vec<bool> = health.iter().map(|h| h.usable()).collect();
     let need = (min_healthy * health.len() as f64).ceil() as usize;
     let have = ok.iter().filter(|x| **x).count();
     if have < need {
         let mut rest: Vec<usize> = (0..health.len()).filter(|i| !ok[*i]).collect();
-        rest.sort_by_key(|i| health[*i].last_failure_ms());
+        rest.sort_by_key(|i| health[*i].down_since_ms());
         for i in rest.into_iter().take(need - have) {
             ok[i] = true;
         }
@@ -521,7 +530,13 @@ mod tests {
             std::thread::sleep(Duration::from_millis(2));
         }
         assert_eq!(allowed(&hs, 0.0), vec![false; 4]);
-        // half must stay: the two that failed longest ago
+        // half must stay: the two that went down longest ago
+        assert_eq!(allowed(&hs, 0.5), vec![true, true, false, false]);
+        // and the choice does not flip while they all keep failing
+        for h in hs.iter().rev() {
+            h.probe_result(false, &HealthCheck::default());
+            h.failure(&eject);
+        }
         assert_eq!(allowed(&hs, 0.5), vec![true, true, false, false]);
         // state survives: the registry hands out the same entry again
         assert!(Arc::ptr_eq(&hs[0], &backend(&reg, &m, 1)));
