@@ -10,6 +10,7 @@ pub mod demo_backend;
 pub mod gateway;
 pub mod health;
 pub mod metrics;
+pub mod proxy_protocol;
 pub mod rate_limit;
 pub mod router;
 pub mod server;

@@ -15,8 +15,11 @@ use async_trait::async_trait;
 use pingora::apps::{HttpServerOptions, ServerApp};
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::PreTlsProcess;
+use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
 use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::SocketDigest;
 use pingora::protocols::Stream;
+use pingora::protocols::{GetSocketDigest, UniqueID};
 use pingora::proxy::{http_proxy, HttpProxy};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
@@ -96,6 +99,7 @@ pub fn run(config_path: &Path) -> Result<(), String> {
             proxy.server_options = Some(opts);
         }
         let app = Counted {
+            shared: shared.clone(),
             inner: Arc::new(proxy),
             gauges: group
                 .iter()
@@ -192,11 +196,33 @@ fn add_endpoint(
     Ok(())
 }
 
-/// Enforces `tls.min_version = "1.3"` before rustls (which pingora builds with TLS 1.2 and 1.3)
-/// sees the connection: the ClientHello is read, put back, and a client that does not offer
-/// TLS 1.3 gets a `protocol_version` alert instead of a handshake.
+/// Runs before rustls sees a TLS connection: reads the PROXY protocol header when
+/// `proxy_protocol` is on, then enforces `tls.min_version = "1.3"` (pingora builds rustls with
+/// TLS 1.2 and 1.3): the ClientHello is read, put back, and a client that does not offer TLS
+/// 1.3 gets a `protocol_version` alert instead of a handshake.
 struct VersionFloor {
     shared: Arc<Shared>,
+}
+
+/// Reads the PROXY header of a new connection and makes its source the connection's peer
+/// address. `false`: no valid header, the connection must be closed.
+async fn accept_proxy_header<S>(stream: &mut S) -> bool
+where
+    S: tokio::io::AsyncRead + Unpin + GetSocketDigest + UniqueID + ?Sized,
+{
+    match crate::proxy_protocol::read_header(stream).await {
+        Ok(Some(addr)) => {
+            let digest = SocketDigest::from_raw_fd(stream.id());
+            let _ = digest.peer_addr.set(Some(PingoraAddr::Inet(addr)));
+            stream.set_socket_digest(digest);
+            true
+        }
+        Ok(None) => true,
+        Err(e) => {
+            log::debug!("closing connection: {e}");
+            false
+        }
+    }
 }
 
 /// How long a client may take to send its ClientHello.
@@ -206,9 +232,17 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 impl PreTlsProcess for VersionFloor {
     async fn process(&self, stream: &mut L4Stream) -> pingora::Result<()> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        if !self.shared.snapshot().certs.requires_tls13() {
+        let snap = self.shared.snapshot();
+        if snap.config.client_ip.proxy_protocol && !accept_proxy_header(stream).await {
+            return Err(pingora::Error::explain(
+                pingora::ErrorType::ReadError,
+                "no valid PROXY protocol header",
+            ));
+        }
+        if !snap.certs.requires_tls13() {
             return Ok(());
         }
+        drop(snap);
         let mut record = vec![0u8; hello::RECORD_HEADER];
         let read = async {
             stream.read_exact(&mut record).await?;
@@ -252,6 +286,7 @@ impl PreTlsProcess for VersionFloor {
 pub struct Counted {
     inner: Arc<HttpProxy<Gateway>>,
     gauges: Vec<(SocketAddr, IntGauge)>,
+    shared: Arc<Shared>,
 }
 
 struct ConnGuard(IntGauge);
@@ -265,9 +300,17 @@ impl Drop for ConnGuard {
 impl ServerApp for Counted {
     async fn process_new(
         self: &Arc<Self>,
-        session: Stream,
+        mut session: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        // TLS connections had their PROXY header read before the handshake
+        let plain = session.get_ssl_digest().is_none();
+        if plain
+            && self.shared.snapshot().config.client_ip.proxy_protocol
+            && !accept_proxy_header(&mut *session).await
+        {
+            return None;
+        }
         let local = session
             .get_socket_digest()
             .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied());
@@ -291,11 +334,16 @@ struct Readiness {
     listeners: Vec<Listener>,
 }
 
-/// Connects to a listener; a TLS one must also complete a handshake.
-async fn probe(addr: SocketAddr, tls: bool) -> bool {
-    let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
+/// Connects to a listener; a TLS one must also complete a handshake. With PROXY protocol on,
+/// the probe introduces itself as `UNKNOWN` (its own address stands).
+async fn probe(addr: SocketAddr, tls: bool, proxy_protocol: bool) -> bool {
+    use tokio::io::AsyncWriteExt;
+    let Ok(mut tcp) = tokio::net::TcpStream::connect(addr).await else {
         return false;
     };
+    if proxy_protocol && tcp.write_all(b"PROXY UNKNOWN\r\n").await.is_err() {
+        return false;
+    }
     if !tls {
         return true;
     }
@@ -314,7 +362,8 @@ impl BackgroundService for Readiness {
                 true => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port())),
                 false => addr,
             };
-            while !probe(target, l.tls).await {
+            let pp = self.shared.snapshot().config.client_ip.proxy_protocol;
+            while !probe(target, l.tls, pp).await {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }

@@ -257,3 +257,104 @@ fn buckets_survive_a_reload_unless_the_quota_changes() {
         assert_eq!(ok_count(&c, &url, None, 5).await, 4);
     });
 }
+
+/// Sends `header` then a GET of `path` on a plain connection; `None` if the connection closed
+/// without an answer.
+fn get_after_header(listen: SocketAddr, header: &[u8], path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(listen).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(8))).ok()?;
+    s.write_all(header).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    let code = buf.split(' ').nth(1)?.parse().ok()?;
+    Some((code, buf.split_once("\r\n\r\n")?.1.to_string()))
+}
+
+#[test]
+fn proxy_protocol_sets_the_client_ip_on_plain_and_tls_listeners() {
+    use sluice::proxy_protocol::encode_v2;
+    let dir = tempdir();
+    let b = Backend::start(dir.path(), "b1");
+    let ca = Ca::new(dir.path(), "pp");
+    let (cert, key) = ca.issue(dir.path(), "pp", &["pp.test"]);
+    let plain = free_addr();
+    let tls = free_addr();
+    let text = config(plain, b.addr, "[rate_limit]\nrequests = 2\nper = \"1m\"", "")
+        .replace("trusted_proxies = [\"127.0.0.2/32\"]", "proxy_protocol = true")
+        .replace(
+            "[[listener]]",
+            &format!(
+                "[tls]\n[[tls.cert]]\nhosts = [\"pp.test\"]\ncert = \"{}\"\nkey = \"{}\"\n[[listener]]\nlisten = \"{tls}\"\ntls = true\n[[listener]]",
+                cert.display(),
+                key.display()
+            ),
+        );
+    let s = Sluice::start(dir.path(), &text);
+    let dst: SocketAddr = plain;
+
+    // v1: the backend and the limiter see the PROXY source, not 127.0.0.1
+    let v1 = b"PROXY TCP4 198.51.100.9 10.0.0.1 5555 443\r\n";
+    let (code, body) = get_after_header(plain, v1, "/_demo/headers").expect("answer");
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["headers"]["x-forwarded-for"], "198.51.100.9");
+    assert_eq!(get_after_header(plain, v1, "/").map(|r| r.0), Some(200));
+    assert_eq!(get_after_header(plain, v1, "/").map(|r| r.0), Some(429));
+    // v2 with another source: its own bucket
+    let v2 = encode_v2("198.51.100.10:7".parse().expect("addr"), dst);
+    assert_eq!(get_after_header(plain, &v2, "/").map(|r| r.0), Some(200));
+    let v6 = encode_v2("[2001:db8::5]:7".parse().expect("addr"), dst);
+    let (_, body) = get_after_header(plain, &v6, "/_demo/headers").expect("answer");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["headers"]["x-forwarded-for"], "2001:db8::5");
+
+    // no header, or a garbled one: the connection is closed without an answer
+    assert_eq!(get_after_header(plain, b"", "/"), None);
+    assert_eq!(
+        get_after_header(plain, b"PROXY TCP4 nonsense\r\n", "/"),
+        None
+    );
+
+    // TLS listener: the header comes before the TLS handshake
+    runtime().block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls::pki_types::CertificateDer::from(
+                ca.cert.der().to_vec(),
+            ))
+            .expect("root");
+        let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let mut tcp = tokio::net::TcpStream::connect(tls).await.expect("connect");
+        tcp.write_all(&encode_v2("203.0.113.77:1".parse().expect("addr"), tls))
+            .await
+            .expect("header");
+        let name = rustls::pki_types::ServerName::try_from("pp.test").expect("name");
+        let mut t = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+            .connect(name, tcp)
+            .await
+            .expect("handshake after the PROXY header");
+        t.write_all(b"GET /_demo/headers HTTP/1.1\r\nHost: pp.test\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = Vec::new();
+        let _ = t.read_to_end(&mut buf).await;
+        let text = String::from_utf8_lossy(&buf);
+        let body = text.split_once("\r\n\r\n").map(|b| b.1).unwrap_or("");
+        let v: serde_json::Value = serde_json::from_str(body.trim()).expect("json");
+        assert_eq!(v["headers"]["x-forwarded-for"], "203.0.113.77");
+    });
+    assert!(s.status()["config"]["last_error"].is_null());
+}

@@ -643,9 +643,7 @@ impl Builder<'_, '_> {
             c.trusted_proxies = self.cidrs(&list, "client_ip.trusted_proxies");
         }
         if let Some(p) = t.boolean(self.d, "proxy_protocol") {
-            if p.value {
-                not_yet(self.d, &t, "proxy_protocol", "PROXY protocol");
-            }
+            c.proxy_protocol = p.value;
         }
         c
     }
