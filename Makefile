@@ -7,7 +7,7 @@ TARGET_DIR := target/$(if $(filter dev,$(PROFILE)),debug,$(PROFILE))
 BIN := $(TARGET_DIR)/sluice
 CONFIG ?= config/sluice.toml
 
-.PHONY: run test deps build check-config fmt lint clean
+.PHONY: run test deps build check-config bench-micro fmt lint clean
 
 # Install what the build needs when it is missing (cmake for pingora's zlib-ng).
 deps:
@@ -43,6 +43,10 @@ run: build
 
 test: deps
 	$(CARGO) test --all-targets
+
+# Micro-benchmarks (criterion) and the rate limiter's memory with 1,000,000 clients.
+bench-micro: deps
+	$(CARGO) bench --bench limiter --bench limiter_memory
 
 check-config: build
 	$(BIN) check -c $(CONFIG)

@@ -145,16 +145,28 @@ impl Registry {
         map.retain(|_, l| in_use.iter().any(|u| Arc::ptr_eq(u, l)));
     }
 
-    /// Shrinks every limiter (run periodically).
-    pub fn shrink_all(&self) {
+    /// Shrinks every limiter (run periodically); returns how many buckets were dropped.
+    pub fn shrink_all(&self) -> usize {
         let all: Vec<Arc<Limiter>> = {
             let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
             map.values().cloned().collect()
         };
+        let mut dropped = 0;
         for l in all {
+            let before = l.len();
             l.shrink();
+            dropped += before.saturating_sub(l.len());
         }
+        dropped
     }
+}
+
+/// Asks the allocator (mimalloc, the binary's global allocator) to return free pages to the
+/// system, so memory freed by shrinking shows up as lower RSS.
+pub fn release_free_memory() {
+    // SAFETY: mi_collect only walks mimalloc's own free lists; it is safe to call from any
+    // thread at any time, and harmless when mimalloc is not the global allocator.
+    unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
 /// Drops idle buckets every few seconds so memory follows the clients of the last window.
@@ -170,7 +182,9 @@ impl pingora::services::background::BackgroundService for Upkeep {
                 _ = shutdown.changed() => return,
                 _ = tokio::time::sleep(Duration::from_secs(5)) => {}
             }
-            self.shared.limits.shrink_all();
+            if self.shared.limits.shrink_all() > 0 {
+                release_free_memory();
+            }
         }
     }
 }
