@@ -4,7 +4,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use common::*;
 use reqwest::Version;
@@ -192,24 +191,7 @@ async fn presented_cert(
     ca: &Ca,
     tls12_only: bool,
 ) -> Result<Vec<u8>, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls::pki_types::CertificateDer::from(
-            ca.cert.der().to_vec(),
-        ))
-        .map_err(|e| e.to_string())?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let versions: &[&rustls::SupportedProtocolVersion] = if tls12_only {
-        &[&rustls::version::TLS12]
-    } else {
-        &[&rustls::version::TLS13, &rustls::version::TLS12]
-    };
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(versions)
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let connector = ca.connector(tls12_only);
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| e.to_string())?;

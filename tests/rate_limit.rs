@@ -324,25 +324,13 @@ fn proxy_protocol_sets_the_client_ip_on_plain_and_tls_listeners() {
     // TLS listener: the header comes before the TLS handshake
     runtime().block_on(async {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(rustls::pki_types::CertificateDer::from(
-                ca.cert.der().to_vec(),
-            ))
-            .expect("root");
-        let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
         let mut tcp = tokio::net::TcpStream::connect(tls).await.expect("connect");
         tcp.write_all(&encode_v2("203.0.113.77:1".parse().expect("addr"), tls))
             .await
             .expect("header");
         let name = rustls::pki_types::ServerName::try_from("pp.test").expect("name");
-        let mut t = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        let mut t = ca
+            .connector(false)
             .connect(name, tcp)
             .await
             .expect("handshake after the PROXY header");

@@ -300,25 +300,9 @@ fn invalid_configs_are_refused_while_the_old_one_serves() {
 
 /// The serial number of the certificate `addr` presents for `sni`.
 async fn served_serial(addr: SocketAddr, sni: &str, ca: &Ca) -> Option<String> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls::pki_types::CertificateDer::from(
-            ca.cert.der().to_vec(),
-        ))
-        .ok()?;
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .ok()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
     let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
     let name = rustls::pki_types::ServerName::try_from(sni.to_string()).ok()?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, tcp)
-        .await
-        .ok()?;
+    let tls = ca.connector(false).connect(name, tcp).await.ok()?;
     let der = tls.get_ref().1.peer_certificates()?.first()?.to_vec();
     let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
     Some(cert.raw_serial_as_string())

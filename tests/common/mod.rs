@@ -336,6 +336,29 @@ impl Ca {
         (cp, kp)
     }
 
+    /// A TLS connector that trusts only this CA (TLS 1.3 and 1.2, or 1.2 alone).
+    pub fn connector(&self, tls12_only: bool) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls::pki_types::CertificateDer::from(
+                self.cert.der().to_vec(),
+            ))
+            .expect("CA root");
+        let versions: &[&rustls::SupportedProtocolVersion] = if tls12_only {
+            &[&rustls::version::TLS12]
+        } else {
+            &[&rustls::version::TLS13, &rustls::version::TLS12]
+        };
+        let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(versions)
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+    }
+
     pub fn reqwest_cert(&self) -> reqwest::Certificate {
         reqwest::Certificate::from_pem(self.cert.pem().as_bytes()).expect("ca pem")
     }
