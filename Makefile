@@ -32,6 +32,7 @@ build: deps
 # Ctrl-C stops everything.
 run: build
 	@$(BIN) gen-cert --cert certs/dev.crt --key certs/dev.key
+	@[ -f geoip/demo-city.mmdb ] || $(BIN) geoip-build-demo --out geoip/demo-city.mmdb
 	@set -m; pids=(); \
 	trap 'kill $${pids[@]} 2>/dev/null; wait 2>/dev/null' EXIT; \
 	$(BIN) demo-backend --listen 127.0.0.1:9001 --name backend-1 & pids+=($$!); \
@@ -46,7 +47,7 @@ test: deps
 
 # Micro-benchmarks (criterion) and the rate limiter's memory with 1,000,000 clients.
 bench-micro: deps
-	$(CARGO) bench --bench limiter --bench limiter_memory
+	$(CARGO) bench --bench limiter --bench limiter_memory --bench geo
 
 check-config: build
 	$(BIN) check -c $(CONFIG)

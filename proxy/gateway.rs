@@ -15,6 +15,7 @@ use pingora::{Error, ErrorType};
 use serde::Serialize;
 
 use crate::client_ip;
+use crate::geo;
 use crate::metrics::code_class;
 use crate::router::normalize_host;
 use crate::snapshot::{NoBackend, PoolRt, Snapshot};
@@ -44,6 +45,12 @@ pub struct Ctx {
     retry_after: Option<u64>,
     /// The client address: the peer, or what trusted proxies say it is.
     client_ip: Option<IpAddr>,
+    /// The route's blue pools (slots) in the order they should serve this client, how many,
+    /// and which one is being tried.
+    order: [u8; geo::MAX_POOLS],
+    order_len: usize,
+    order_pos: usize,
+    geo_counted: bool,
     _inflight: Option<InflightGuard>,
 }
 
@@ -95,8 +102,7 @@ impl Gateway {
 }
 
 impl Ctx {
-    /// The pool serving this request: today the route's first blue pool (geo and colors will
-    /// choose among pools here).
+    /// The pool serving this request (chosen by `upstream_peer`).
     fn pool(&self) -> Option<&PoolRt> {
         let snap = self.snap.as_deref()?;
         let route = &snap.routes[self.route?];
@@ -150,6 +156,10 @@ impl ProxyHttp for Gateway {
             tls: false,
             retry_after: None,
             client_ip: None,
+            order: [0; geo::MAX_POOLS],
+            order_len: 0,
+            order_pos: 0,
+            geo_counted: false,
             _inflight: Some(self.shared.lifecycle.enter()),
         }
     }
@@ -235,26 +245,52 @@ impl ProxyHttp for Gateway {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let Some(pool) = ctx.pool() else {
-            return Err(Error::explain(
-                ErrorType::HTTPStatus(502),
-                "route has no pool",
-            ));
+        let (Some(snap), Some(r)) = (ctx.snap.clone(), ctx.route) else {
+            return Err(Error::explain(ErrorType::InternalError, "no route chosen"));
         };
-        match pool.pick(ctx.failed, &self.shared.health.clock()) {
-            Ok(b) => {
-                let peer = Box::new(pool.backends[b].peer.clone());
-                ctx.backend = Some(b);
-                Ok(peer)
+        let route = &snap.routes[r];
+        if ctx.order_len == 0 {
+            // nearest healthy data center first; without a location, the listed order
+            let place = snap
+                .geo
+                .as_ref()
+                .zip(ctx.client_ip)
+                .and_then(|(db, ip)| db.lookup(ip));
+            (ctx.order, ctx.order_len) = geo::order(&route.sites, place.as_ref());
+        }
+        let clock = self.shared.health.clock();
+        let mut all_down: Option<u64> = None;
+        while ctx.order_pos < ctx.order_len {
+            let slot = usize::from(ctx.order[ctx.order_pos]);
+            let pool = &snap.pools[route.blue[slot]];
+            match pool.pick(ctx.failed, &clock) {
+                Ok(b) => {
+                    ctx.pool_slot = slot;
+                    ctx.backend = Some(b);
+                    if snap.geo.is_some() && !ctx.geo_counted {
+                        ctx.geo_counted = true;
+                        route.regions[slot].1.inc();
+                    }
+                    return Ok(Box::new(pool.backends[b].peer.clone()));
+                }
+                Err(NoBackend::AllDown { retry_after }) => {
+                    all_down = Some(all_down.map_or(retry_after, |s| s.min(retry_after)));
+                }
+                Err(NoBackend::Exhausted) => {}
             }
-            Err(NoBackend::AllDown { retry_after }) => {
+            // this pool cannot serve: the next nearest one (backend indexes start afresh)
+            ctx.order_pos += 1;
+            ctx.failed = 0;
+        }
+        match all_down {
+            Some(retry_after) if ctx.retries == 0 => {
                 ctx.retry_after = Some(retry_after);
                 Err(Error::explain(
                     ErrorType::HTTPStatus(503),
                     "no healthy backend",
                 ))
             }
-            Err(NoBackend::Exhausted) => Err(Error::explain(
+            _ => Err(Error::explain(
                 ErrorType::HTTPStatus(502),
                 "no backend reachable",
             )),
@@ -367,6 +403,18 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         self.add_hsts(resp, ctx)?;
+        if let Some((name, snap)) = ctx
+            .snap
+            .as_deref()
+            .and_then(|s| s.geo_header.as_deref().map(|h| (h, s)))
+        {
+            if let Some((region, _)) = ctx
+                .route
+                .and_then(|r| snap.routes[r].regions.get(ctx.pool_slot))
+            {
+                resp.insert_header(name.to_string(), region.as_str())?;
+            }
+        }
         if resp.headers.get("x-request-id").is_none() {
             resp.insert_header("x-request-id", ctx.request_id.as_str())?;
         }
@@ -462,6 +510,11 @@ impl ProxyHttp for Gateway {
             duration_ms: elapsed.as_secs_f64() * 1000.0,
             route: route.map(|r| r.name.as_str()),
             pool: pool.map(|p| p.name.as_str()),
+            region: route
+                .filter(|_| ctx.backend.is_some())
+                .and_then(|r| r.regions.get(ctx.pool_slot))
+                .map(|(name, _)| name.as_str())
+                .filter(|n| !n.is_empty()),
             backend: pool
                 .zip(ctx.backend)
                 .map(|(p, b)| p.backends[b].address.to_string()),
@@ -496,6 +549,8 @@ struct AccessLine<'a> {
     duration_ms: f64,
     route: Option<&'a str>,
     pool: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    region: Option<&'a str>,
     backend: Option<String>,
     retries: u8,
     /// Backends this request tried and failed on before the answer.

@@ -8,6 +8,7 @@ pub mod client_ip;
 pub mod config;
 pub mod demo_backend;
 pub mod gateway;
+pub mod geo;
 pub mod health;
 pub mod metrics;
 pub mod proxy_protocol;

@@ -48,6 +48,12 @@ enum Cmd {
         #[arg(long, requires = "tls_cert")]
         client_ca: Option<PathBuf>,
     },
+    /// Write the demo geo database (MaxMind DB format; documentation ranges and loopback
+    /// test addresses placed in a few cities).
+    GeoipBuildDemo {
+        #[arg(long, default_value = "geoip/demo-city.mmdb")]
+        out: PathBuf,
+    },
     /// Write a self-signed development certificate (kept if it already exists).
     GenCert {
         #[arg(long, default_value = "certs/dev.crt")]
@@ -99,6 +105,14 @@ fn main() -> ExitCode {
             client_ca,
         }),
         Cmd::GenCert { cert, key, hosts } => gen_cert(&cert, &key, &hosts),
+        Cmd::GeoipBuildDemo { out } => {
+            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            sluice::geo::write_db(&out, sluice::geo::DEMO).map(|()| {
+                println!("wrote {}", out.display());
+            })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub backend_healthy: IntGaugeVec,
     /// `pool`, `backend`, `reason` = active / passive
     pub backend_ejections: IntCounterVec,
+    /// `route`, `region`: pools chosen by geo-routing
+    pub geo_decisions: IntCounterVec,
     /// `route`: requests answered 429
     pub rate_limited: IntCounterVec,
     /// `route`, `color`: the share of clients each color gets (0-100)
@@ -85,6 +87,13 @@ impl Metrics {
             ),
             &["pool", "backend", "reason"],
         )?;
+        let geo_decisions = IntCounterVec::new(
+            Opts::new(
+                "sluice_geo_decisions_total",
+                "Requests routed by client location, by route and the region that served",
+            ),
+            &["route", "region"],
+        )?;
         let rate_limited = IntCounterVec::new(
             Opts::new(
                 "sluice_rate_limited_total",
@@ -120,6 +129,7 @@ impl Metrics {
         registry.register(Box::new(downstream_connections.clone()))?;
         registry.register(Box::new(backend_healthy.clone()))?;
         registry.register(Box::new(backend_ejections.clone()))?;
+        registry.register(Box::new(geo_decisions.clone()))?;
         registry.register(Box::new(rate_limited.clone()))?;
         registry.register(Box::new(route_weight.clone()))?;
         registry.register(Box::new(config_reloads.clone()))?;
@@ -133,6 +143,7 @@ impl Metrics {
             downstream_connections,
             backend_healthy,
             backend_ejections,
+            geo_decisions,
             rate_limited,
             route_weight,
             config_reloads,

@@ -10,6 +10,7 @@ use prometheus::{Histogram, IntCounter};
 
 use crate::balancer::SmoothRoundRobin;
 use crate::config::{Config, Eject, HealthCheck, Listener, RouteLimit};
+use crate::geo::{GeoDb, Site};
 use crate::health::{self, BackendHealth, Clock, ProbeTarget};
 use crate::metrics::{Metrics, CODE_CLASSES};
 use crate::rate_limit::{self, Limiter};
@@ -34,6 +35,9 @@ pub struct Snapshot {
     pub trusted_proxies: Vec<IpNet>,
     /// `[rate_limit] exempt`.
     pub exempt: Vec<IpNet>,
+    /// `[geoip]` database.
+    pub geo: Option<Arc<GeoDb>>,
+    pub geo_header: Option<String>,
 }
 
 pub struct RouteRt {
@@ -46,6 +50,10 @@ pub struct RouteRt {
     /// The route's rate limiter, if it is limited.
     pub limit: Option<Arc<Limiter>>,
     pub rate_limited: IntCounter,
+    /// Per blue pool: its data center, if its region is known.
+    pub sites: Vec<Option<Site>>,
+    /// Per blue pool: the region name ("" without one) and its geo decision counter.
+    pub regions: Vec<(String, IntCounter)>,
 }
 
 pub struct PoolRt {
@@ -159,6 +167,31 @@ impl Snapshot {
                     .collect(),
                 limit: route_limiter(&config, r, limits),
                 rate_limited: metrics.rate_limited.with_label_values(&[&r.name]),
+                sites: r
+                    .blue
+                    .iter()
+                    .map(|p| {
+                        let region = config.pools[*p].region.as_ref()?;
+                        let g = config.regions.iter().find(|g| &g.name == region)?;
+                        Some(Site {
+                            location: g.location,
+                            countries: g
+                                .countries
+                                .iter()
+                                .filter_map(|c| <[u8; 2]>::try_from(c.as_bytes()).ok())
+                                .collect(),
+                        })
+                    })
+                    .collect(),
+                regions: r
+                    .blue
+                    .iter()
+                    .map(|p| {
+                        let region = config.pools[*p].region.clone().unwrap_or_default();
+                        let c = metrics.geo_decisions.with_label_values(&[&r.name, &region]);
+                        (region, c)
+                    })
+                    .collect(),
             })
             .collect();
         let router = Router::new(
@@ -196,6 +229,8 @@ impl Snapshot {
                 .as_ref()
                 .map(|r| r.exempt.clone())
                 .unwrap_or_default(),
+            geo: config.geoip.as_ref().map(|g| g.db.clone()),
+            geo_header: config.geoip.as_ref().and_then(|g| g.debug_header.clone()),
             config,
         }
     }

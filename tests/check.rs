@@ -307,11 +307,19 @@ fn shipped_configs_are_valid() {
         .status()
         .expect("gen-cert");
     assert!(status.success());
+    let mmdb = certs.path().join("demo-city.mmdb");
+    let status = Command::new(BIN)
+        .args(["geoip-build-demo", "--out"])
+        .arg(&mmdb)
+        .status()
+        .expect("geoip-build-demo");
+    assert!(status.success());
     for name in ["sluice.toml", "sluice.full.toml"] {
         let text = std::fs::read_to_string(root.join("config").join(name)).expect("read config");
         let text = text
             .replace("../certs/dev.crt", &crt.display().to_string())
-            .replace("../certs/dev.key", &key.display().to_string());
+            .replace("../certs/dev.key", &key.display().to_string())
+            .replace("../geoip/demo-city.mmdb", &mmdb.display().to_string());
         let dir = tempdir();
         let (code, err) = check(dir.path(), &text);
         assert_eq!(code, 0, "config/{name}: {err}");

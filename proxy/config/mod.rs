@@ -79,6 +79,15 @@ pub struct ClientIp {
     pub proxy_protocol: bool,
 }
 
+/// `[geoip]`: the database, opened when the config loads.
+#[derive(Clone)]
+pub struct GeoIp {
+    pub path: PathBuf,
+    pub db: std::sync::Arc<crate::geo::GeoDb>,
+    /// Response header that names the region chosen (for debugging); off when `None`.
+    pub debug_header: Option<String>,
+}
+
 /// `[rate_limit]`: a quota per client IP for every route that does not override it.
 #[derive(Debug, Clone)]
 pub struct RateLimit {
@@ -198,6 +207,7 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     pub client_ip: ClientIp,
     pub rate_limit: Option<RateLimit>,
+    pub geoip: Option<GeoIp>,
     pub regions: Vec<Region>,
     pub pools: Vec<Pool>,
     pub routes: Vec<Route>,
@@ -321,7 +331,6 @@ impl Builder<'_, '_> {
                 "route",
             ],
         );
-        not_yet(self.d, root, "geoip", "geo-routing");
 
         let server = self.server(root);
         let admin = self.admin(root);
@@ -331,6 +340,7 @@ impl Builder<'_, '_> {
         let rate_limit = root
             .table(self.d, "rate_limit")
             .map(|t| self.rate_limit(&t));
+        let geoip = root.table(self.d, "geoip").and_then(|t| self.geoip(&t));
         let regions = self.regions(root);
         let pools = self.pools(root, &regions);
         let routes = self.routes(root, &pools);
@@ -343,6 +353,7 @@ impl Builder<'_, '_> {
             listeners,
             client_ip,
             rate_limit,
+            geoip,
             regions,
             pools,
             routes,
@@ -689,6 +700,39 @@ impl Builder<'_, '_> {
             limit,
             ipv6_prefix,
             exempt,
+        }
+    }
+
+    fn geoip(&mut self, t: &Table) -> Option<GeoIp> {
+        t.check_keys(self.d, &["database", "debug_header"]);
+        let debug_header = t.string(self.d, "debug_header").and_then(|h| {
+            let ok = !h.value.is_empty()
+                && h.value
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok {
+                self.d.error(
+                    &h.span,
+                    "`geoip.debug_header` must be a header name (letters, digits, '-')",
+                );
+            }
+            ok.then(|| h.value.to_ascii_lowercase())
+        });
+        let db = self.required_string(t, "database")?;
+        let path = self.path(&db.value);
+        if !self.file_exists(&path, &db.span, "geoip.database") {
+            return None;
+        }
+        match crate::geo::GeoDb::open(&path) {
+            Ok(g) => Some(GeoIp {
+                path,
+                db: std::sync::Arc::new(g),
+                debug_header,
+            }),
+            Err(e) => {
+                self.d.error(&db.span, format!("`geoip.database`: {e}"));
+                None
+            }
         }
     }
 
