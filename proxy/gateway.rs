@@ -250,10 +250,12 @@ impl ProxyHttp for Gateway {
         };
         let route = &snap.routes[r];
         if ctx.order_len == 0 {
-            // nearest healthy data center first; without a location, the listed order
+            // nearest healthy data center first; without a location, the listed order (a
+            // route with one pool needs no lookup)
             let place = snap
                 .geo
                 .as_ref()
+                .filter(|_| route.sites.len() > 1)
                 .zip(ctx.client_ip)
                 .and_then(|(db, ip)| db.lookup(ip));
             (ctx.order, ctx.order_len) = geo::order(&route.sites, place.as_ref());
