@@ -1,7 +1,7 @@
 //! Picks up changes on disk by itself: the config file and every file it names are watched
 //! through their directories (so editors' write-to-temp-and-rename and Kubernetes ConfigMap
-//! symlink swaps are seen), events are debounced, and a reload runs only when the content of
-//! those files actually changed. SIGHUP reloads unconditionally.
+//! symlink swaps are seen), events are debounced, and a reload runs only when those files
+//! actually changed since the last load. SIGHUP reloads unconditionally.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -24,16 +24,24 @@ pub struct Watcher {
     pub shared: Arc<Shared>,
 }
 
-/// A digest of the current content of `files` (a missing file counts as its own content).
+/// A digest of what `files` are now, from their metadata (through symlinks): device, inode,
+/// size, modification and change times. A rename or a symlink swap brings another inode, a
+/// write in place another size or times; nothing is read, so a large GeoIP database costs no
+/// more to check than a small config. A missing file counts as its own state.
 pub fn fingerprint(files: &[PathBuf]) -> String {
+    use std::os::unix::fs::MetadataExt;
     let mut h = Sha256::new();
     for f in files {
         h.update(f.as_os_str().as_encoded_bytes());
-        match std::fs::read(f) {
-            Ok(bytes) => {
+        match std::fs::metadata(f) {
+            Ok(m) => {
                 h.update(b"\x01");
-                h.update((bytes.len() as u64).to_le_bytes());
-                h.update(&bytes);
+                for v in [m.dev(), m.ino(), m.size()] {
+                    h.update(v.to_le_bytes());
+                }
+                for v in [m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()] {
+                    h.update(v.to_le_bytes());
+                }
             }
             Err(_) => h.update(b"\x00"),
         }
