@@ -29,13 +29,23 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
+/// The demo backend's command line (`sluice demo-backend ...`).
+#[derive(clap::Args)]
 pub struct Options {
+    #[arg(long)]
     pub listen: SocketAddr,
+    #[arg(long)]
     pub name: String,
+    /// Start failing (503 to everything) until POST /_demo/recover.
+    #[arg(long)]
     pub fail: bool,
+    /// Serve TLS with this certificate chain (PEM).
+    #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// Require clients to present a certificate signed by this CA.
+    /// Demand a client certificate signed by this CA (PEM).
+    #[arg(long, requires = "tls_cert")]
     pub client_ca: Option<PathBuf>,
 }
 

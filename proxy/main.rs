@@ -1,4 +1,3 @@
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -31,23 +30,7 @@ enum Cmd {
         config: PathBuf,
     },
     /// A small HTTP/1.1 + h2c demo backend that answers with its name.
-    DemoBackend {
-        #[arg(long)]
-        listen: SocketAddr,
-        #[arg(long)]
-        name: String,
-        /// Start failing (503 to everything) until POST /_demo/recover.
-        #[arg(long)]
-        fail: bool,
-        /// Serve TLS with this certificate chain (PEM).
-        #[arg(long, requires = "tls_key")]
-        tls_cert: Option<PathBuf>,
-        #[arg(long, requires = "tls_cert")]
-        tls_key: Option<PathBuf>,
-        /// Demand a client certificate signed by this CA (PEM).
-        #[arg(long, requires = "tls_cert")]
-        client_ca: Option<PathBuf>,
-    },
+    DemoBackend(sluice::demo_backend::Options),
     /// Write the demo geo database (MaxMind DB format; documentation ranges and loopback
     /// test addresses placed in a few cities).
     GeoipBuildDemo {
@@ -89,21 +72,7 @@ fn main() -> ExitCode {
                 Err(format!("{} problem(s) found", errs.len()))
             }
         },
-        Cmd::DemoBackend {
-            listen,
-            name,
-            fail,
-            tls_cert,
-            tls_key,
-            client_ca,
-        } => sluice::demo_backend::run(sluice::demo_backend::Options {
-            listen,
-            name,
-            fail,
-            tls_cert,
-            tls_key,
-            client_ca,
-        }),
+        Cmd::DemoBackend(opts) => sluice::demo_backend::run(opts),
         Cmd::GenCert { cert, key, hosts } => gen_cert(&cert, &key, &hosts),
         Cmd::GeoipBuildDemo { out } => {
             if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
