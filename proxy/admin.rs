@@ -1,16 +1,30 @@
-//! The admin listener: probes, metrics and status (contract: `shared/spec/admin-api.md`).
+//! The admin listener (contract: `shared/spec/admin-api.md`): probes, metrics and status for
+//! anyone who can reach it; weights, shifts and reloads for holders of a bearer token, each
+//! call written to the audit log.
 
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use http::{Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
+use crate::audit::Entry;
 use crate::auth;
 use crate::snapshot::Snapshot;
 use crate::state::Shared;
+use crate::traffic::{Change, Color, Refused, Weights};
+
+/// Bodies of admin calls are small JSON documents.
+pub const MAX_BODY: usize = 64 * 1024;
+/// A larger body is still read (and thrown away) up to this size so that the client reads the
+/// 413 instead of a reset connection; beyond it the connection is closed.
+const DRAIN_LIMIT: usize = 8 * 1024 * 1024;
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Admin {
     pub shared: Arc<Shared>,
@@ -39,13 +53,7 @@ fn error(status: StatusCode, msg: &str) -> Response<Vec<u8>> {
 }
 
 fn route_json(snap: &Snapshot, i: usize) -> Value {
-    let r = &snap.config.routes[i];
-    json!({
-        "name": r.name,
-        "weights": { "blue": r.weights.0, "green": r.weights.1 },
-        "source": "config",
-        "shift": null,
-    })
+    snap.routes[i].control.to_json()
 }
 
 pub fn status_json(shared: &Shared) -> Value {
@@ -82,11 +90,348 @@ pub fn status_json(shared: &Shared) -> Value {
             "loaded_at": humantime::format_rfc3339_seconds(snap.loaded_at).to_string(),
             "last_error": shared.last_error(),
             "restart_required": shared.restart_required(),
+            "state_file_error": shared.traffic.problem(),
         },
         "draining": shared.lifecycle.is_draining(),
         "inflight": shared.lifecycle.inflight(),
         "routes": (0..snap.routes.len()).map(|i| route_json(&snap, i)).collect::<Vec<_>>(),
         "pools": pools,
+    })
+}
+
+/// A mutating call, once its method and path are known.
+enum Op {
+    Reload,
+    SetWeights(String),
+    StartShift(String),
+    StopShift(String),
+}
+
+impl Op {
+    fn route(&self) -> Option<&str> {
+        match self {
+            Op::Reload => None,
+            Op::SetWeights(r) | Op::StartShift(r) | Op::StopShift(r) => Some(r),
+        }
+    }
+}
+
+/// What a method + path asks for: a mutating call, a refusal of the method (with the methods
+/// allowed), or neither (a read-only endpoint).
+enum Endpoint {
+    Mutating(Op),
+    WrongMethod(&'static str),
+    ReadOnly,
+}
+
+fn endpoint(method: &Method, path: &str) -> Endpoint {
+    let m = |allowed: &Method, op: Op, allow: &'static str| {
+        if method == allowed {
+            Endpoint::Mutating(op)
+        } else {
+            Endpoint::WrongMethod(allow)
+        }
+    };
+    if path == "/reload" {
+        return m(&Method::POST, Op::Reload, "POST");
+    }
+    let Some(rest) = path.strip_prefix("/routes/") else {
+        return Endpoint::ReadOnly;
+    };
+    match rest.split_once('/') {
+        Some((name, "weights")) => m(&Method::PUT, Op::SetWeights(name.into()), "PUT"),
+        Some((name, "shift")) if method == Method::DELETE => {
+            Endpoint::Mutating(Op::StopShift(name.into()))
+        }
+        Some((name, "shift")) => m(&Method::POST, Op::StartShift(name.into()), "POST, DELETE"),
+        _ => Endpoint::ReadOnly,
+    }
+}
+
+/// `{"blue": 90, "green": 10}`: two whole numbers 0–100 summing to 100, nothing else.
+pub fn parse_weights(body: &[u8]) -> Result<Weights, String> {
+    let obj = json_object(body, r#"{"blue": 90, "green": 10}"#)?;
+    for k in obj.keys() {
+        if k != "blue" && k != "green" {
+            return Err(format!(
+                "unknown color \"{k}\" (the colors are \"blue\" and \"green\")"
+            ));
+        }
+    }
+    let share = |c: &str| -> Result<u8, String> {
+        let v = obj
+            .get(c)
+            .ok_or_else(|| format!("missing \"{c}\": both blue and green are needed"))?;
+        v.as_u64()
+            .filter(|n| *n <= 100)
+            .map(|n| n as u8)
+            .ok_or_else(|| format!("\"{c}\" must be a whole number from 0 to 100, not {v}"))
+    };
+    let (blue, green) = (share("blue")?, share("green")?);
+    if u16::from(blue) + u16::from(green) != 100 {
+        return Err(format!(
+            "weights must sum to 100 (blue {blue} + green {green} = {})",
+            u16::from(blue) + u16::from(green)
+        ));
+    }
+    Ok(Weights::new(blue, green))
+}
+
+/// `{"to": "green", "step": 10, "every": "30s"}`.
+pub fn parse_shift(body: &[u8]) -> Result<(Color, u8, Duration), String> {
+    let obj = json_object(body, r#"{"to": "green", "step": 10, "every": "30s"}"#)?;
+    for k in obj.keys() {
+        if !["to", "step", "every"].contains(&k.as_str()) {
+            return Err(format!(
+                "unknown field \"{k}\" (a shift has \"to\", \"step\" and \"every\")"
+            ));
+        }
+    }
+    let to = match obj.get("to") {
+        None => return Err("missing \"to\": \"blue\" or \"green\"".into()),
+        Some(Value::String(s)) if s == "blue" || s == "green" => {
+            Color::parse(s).ok_or("unknown color")?
+        }
+        Some(v) => {
+            return Err(format!(
+                "unknown color {v} for \"to\" (the colors are \"blue\" and \"green\")"
+            ))
+        }
+    };
+    let step = match obj.get("step") {
+        None => return Err("missing \"step\": points moved per step, 1 to 100".into()),
+        Some(v) => v
+            .as_u64()
+            .filter(|n| (1..=100).contains(n))
+            .map(|n| n as u8)
+            .ok_or_else(|| format!("\"step\" must be a whole number from 1 to 100, not {v}"))?,
+    };
+    let every = match obj.get("every") {
+        None => return Err("missing \"every\": time between steps, like \"30s\"".into()),
+        Some(Value::String(s)) => {
+            crate::config::reader::parse_duration(s).map_err(|e| format!("\"every\": {e}"))?
+        }
+        Some(v) => {
+            return Err(format!(
+                "\"every\" must be a duration like \"30s\", not {v}"
+            ))
+        }
+    };
+    if every < Duration::from_millis(100) || every > Duration::from_secs(24 * 3600) {
+        return Err("\"every\" must be between 100ms and 24h".into());
+    }
+    Ok((to, step, every))
+}
+
+fn json_object(body: &[u8], example: &str) -> Result<Map<String, Value>, String> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(format!("the body must be a JSON object like {example}")),
+        Err(e) => Err(format!("the body is not JSON ({e}); send {example}")),
+    }
+}
+
+/// Reads the request body, at most `MAX_BODY`; `Err` is the refusal to send.
+async fn read_body(session: &mut ServerSession) -> Result<Bytes, (StatusCode, String)> {
+    let too_large = || {
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is over {} KiB", MAX_BODY / 1024),
+        )
+    };
+    let declared = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    if declared.is_some_and(|n| n > DRAIN_LIMIT) {
+        session.set_keepalive(None);
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    let mut seen = 0usize;
+    let read = tokio::time::timeout(BODY_TIMEOUT, async {
+        while let Some(chunk) = session.read_request_body().await? {
+            seen += chunk.len();
+            if seen <= MAX_BODY {
+                body.extend_from_slice(&chunk);
+            } else if seen > DRAIN_LIMIT {
+                break;
+            }
+        }
+        Ok::<_, Box<pingora::Error>>(())
+    })
+    .await;
+    match read {
+        Ok(Ok(())) if seen <= MAX_BODY => Ok(Bytes::from(body)),
+        Ok(Ok(())) => {
+            if seen > DRAIN_LIMIT {
+                session.set_keepalive(None);
+            }
+            Err(too_large())
+        }
+        Ok(Err(e)) => {
+            session.set_keepalive(None);
+            Err((
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the body: {}", e.etype().as_str()),
+            ))
+        }
+        Err(_) => {
+            session.set_keepalive(None);
+            Err((
+                StatusCode::REQUEST_TIMEOUT,
+                "the body did not arrive in time".into(),
+            ))
+        }
+    }
+}
+
+impl Admin {
+    /// A mutating call: lockout, token, route, body, then the change; every outcome is
+    /// written to the audit log.
+    async fn mutate(&self, session: &mut ServerSession, op: Op) -> Response<Vec<u8>> {
+        let shared = &self.shared;
+        let req = session.req_header();
+        let method = req.method.as_str().to_string();
+        let path = req.uri.path().to_string();
+        let remote = session.client_addr().and_then(|a| a.as_inet()).copied();
+        let ip = remote.map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+        let header = req
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let presented = header
+            .as_deref()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_string);
+        let before = match op.route() {
+            Some(r) => shared.traffic.get(r).map_or(Value::Null, |c| c.to_json()),
+            None => json!({ "generation": shared.snapshot().generation }),
+        };
+        let audit = |status: StatusCode, after: Value, error: Option<&str>| {
+            shared.audit.record(Entry {
+                remote: remote.map(|a| a.to_string()),
+                token: presented.as_deref(),
+                method: &method,
+                path: &path,
+                status: status.as_u16(),
+                before: before.clone(),
+                after,
+                error,
+            });
+        };
+        let refuse = |status: StatusCode, why: &str| {
+            audit(status, Value::Null, Some(why));
+            error(status, why)
+        };
+
+        if let Some(secs) = shared.lockout.locked(ip, Instant::now()) {
+            let why = format!("too many failed attempts from {ip}: locked out for {secs} s");
+            let mut r = refuse(StatusCode::TOO_MANY_REQUESTS, &why);
+            if let Ok(v) = secs.to_string().parse() {
+                r.headers_mut().insert(http::header::RETRY_AFTER, v);
+            }
+            return r;
+        }
+        let snap = shared.snapshot();
+        if let Err((code, why)) =
+            auth::check(snap.config.admin.tokens.as_deref(), header.as_deref())
+        {
+            if shared.lockout.failed(ip, Instant::now()) {
+                log::warn!(
+                    "admin: {ip} locked out for {} s after {} failed attempts",
+                    auth::LOCKOUT.as_secs(),
+                    auth::MAX_FAILURES
+                );
+            }
+            return refuse(code, why);
+        }
+        if let Some(r) = op.route() {
+            if shared.traffic.get(r).is_none() {
+                return refuse(StatusCode::NOT_FOUND, &format!("unknown route \"{r}\""));
+            }
+        }
+        let body = match read_body(session).await {
+            Ok(b) => b,
+            Err((code, why)) => return refuse(code, &why),
+        };
+        let outcome: Result<(StatusCode, Change), Refused> = match &op {
+            Op::Reload => {
+                let s = shared.clone();
+                let reloaded = tokio::task::spawn_blocking(move || s.reload("POST /reload")).await;
+                return match reloaded {
+                    Ok(Ok(generation)) => {
+                        let after = json!({ "generation": generation });
+                        audit(StatusCode::OK, after.clone(), None);
+                        json_reply(StatusCode::OK, &after)
+                    }
+                    Ok(Err(msg)) => refuse(StatusCode::UNPROCESSABLE_ENTITY, &msg),
+                    Err(_) => refuse(StatusCode::INTERNAL_SERVER_ERROR, "reload failed"),
+                };
+            }
+            Op::SetWeights(r) => match parse_weights(&body) {
+                Err(why) => return refuse(StatusCode::BAD_REQUEST, &why),
+                Ok(w) => {
+                    let (s, r) = (shared.clone(), r.clone());
+                    blocking(move || s.traffic.set_weights(&r, w))
+                        .await
+                        .map(|c| (StatusCode::OK, c))
+                }
+            },
+            Op::StartShift(r) => match parse_shift(&body) {
+                Err(why) => return refuse(StatusCode::BAD_REQUEST, &why),
+                Ok((to, step, every)) => {
+                    let (s, r) = (shared.clone(), r.clone());
+                    blocking(move || s.traffic.start_shift(&r, to, step, every))
+                        .await
+                        .map(|c| (StatusCode::ACCEPTED, c))
+                }
+            },
+            Op::StopShift(r) => {
+                let (s, r) = (shared.clone(), r.clone());
+                blocking(move || s.traffic.stop_shift(&r))
+                    .await
+                    .map(|c| (StatusCode::OK, c))
+            }
+        };
+        match outcome {
+            Ok((code, change)) => {
+                audit(code, change.after.clone(), None);
+                log::info!(
+                    "admin: {method} {path} by token {} from {ip}: {}",
+                    presented
+                        .as_deref()
+                        .map(crate::audit::fingerprint)
+                        .unwrap_or_default(),
+                    change.after
+                );
+                let mut reply = change.after;
+                if let (Some(w), Some(obj)) = (change.warning, reply.as_object_mut()) {
+                    obj.insert("warning".into(), Value::from(w));
+                }
+                json_reply(code, &reply)
+            }
+            Err(r) => refuse(
+                StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_REQUEST),
+                &r.reason,
+            ),
+        }
+    }
+}
+
+/// Runs a traffic change (which writes the state file with fsync) off the async threads.
+async fn blocking(
+    f: impl FnOnce() -> Result<Change, Refused> + Send + 'static,
+) -> Result<Change, Refused> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|_| {
+        Err(Refused {
+            status: 500,
+            reason: "the change failed".into(),
+        })
     })
 }
 
@@ -96,27 +441,31 @@ impl ServeHttp for Admin {
         let req = session.req_header();
         let path = req.uri.path().to_string();
         let method = req.method.clone();
-        if path == "/reload" {
-            if method != Method::POST {
-                return error(StatusCode::METHOD_NOT_ALLOWED, "use POST /reload");
-            }
-            let auth = req
-                .headers
-                .get(http::header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok());
-            let snap = self.shared.snapshot();
-            if let Err((code, why)) = auth::check(snap.config.admin.tokens.as_deref(), auth) {
-                return error(code, why);
-            }
-            let shared = self.shared.clone();
-            let outcome = tokio::task::spawn_blocking(move || shared.reload("POST /reload")).await;
-            return match outcome {
-                Ok(Ok(generation)) => {
-                    json_reply(StatusCode::OK, &json!({ "generation": generation }))
+        match endpoint(&method, &path) {
+            Endpoint::Mutating(op) => return self.mutate(session, op).await,
+            Endpoint::WrongMethod(allow) => {
+                let mut r = error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    &format!("{method} is not allowed here (use {allow})"),
+                );
+                if let Ok(v) = allow.parse() {
+                    r.headers_mut().insert(http::header::ALLOW, v);
                 }
-                Ok(Err(msg)) => error(StatusCode::UNPROCESSABLE_ENTITY, &msg),
-                Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "reload failed"),
-            };
+                if method != Method::GET && method != Method::HEAD {
+                    self.shared.audit.record(Entry {
+                        remote: session.client_addr().map(|a| a.to_string()),
+                        token: None,
+                        method: method.as_str(),
+                        path: &path,
+                        status: 405,
+                        before: Value::Null,
+                        after: Value::Null,
+                        error: Some("method not allowed"),
+                    });
+                }
+                return r;
+            }
+            Endpoint::ReadOnly => {}
         }
         if method != Method::GET && method != Method::HEAD {
             let known = matches!(
@@ -157,13 +506,83 @@ impl ServeHttp for Admin {
             p => match p.strip_prefix("/routes/") {
                 Some(name) => {
                     let snap = self.shared.snapshot();
-                    match snap.config.routes.iter().position(|r| r.name == name) {
+                    match snap.routes.iter().position(|r| r.name == name) {
                         Some(i) => json_reply(StatusCode::OK, &route_json(&snap, i)),
-                        None => error(StatusCode::NOT_FOUND, "unknown route"),
+                        None => error(StatusCode::NOT_FOUND, &format!("unknown route \"{name}\"")),
                     }
                 }
                 None => error(StatusCode::NOT_FOUND, "no such endpoint"),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_bodies() {
+        assert_eq!(
+            parse_weights(br#"{"blue": 90, "green": 10}"#),
+            Ok(Weights::new(90, 10))
+        );
+        for (body, why) in [
+            (&br#"{"blue": 90, "green": 20}"#[..], "sum to 100"),
+            (br#"{"blue": 110, "green": -10}"#, "0 to 100"),
+            (br#"{"blue": 90.5, "green": 9.5}"#, "whole number"),
+            (br#"{"blue": 90, "red": 10}"#, "unknown color \"red\""),
+            (br#"{"blue": 100}"#, "missing \"green\""),
+            (b"blue=90", "not JSON"),
+            (b"[90, 10]", "JSON object"),
+            (br#"{"blue": "90", "green": 10}"#, "whole number"),
+        ] {
+            let e = parse_weights(body).expect_err("refused");
+            assert!(e.contains(why), "{e}");
+        }
+    }
+
+    #[test]
+    fn shift_bodies() {
+        assert_eq!(
+            parse_shift(br#"{"to": "green", "step": 10, "every": "30s"}"#),
+            Ok((Color::Green, 10, Duration::from_secs(30)))
+        );
+        for (body, why) in [
+            (
+                &br#"{"to": "red", "step": 10, "every": "30s"}"#[..],
+                "unknown color",
+            ),
+            (br#"{"to": "green", "step": 0, "every": "30s"}"#, "1 to 100"),
+            (br#"{"to": "green", "step": 10, "every": "soon"}"#, "every"),
+            (br#"{"to": "green", "step": 10, "every": "1ms"}"#, "100ms"),
+            (br#"{"to": "green", "step": 10}"#, "missing \"every\""),
+            (
+                br#"{"to": "green", "step": 10, "every": "1s", "x": 1}"#,
+                "unknown field",
+            ),
+        ] {
+            let e = parse_shift(body).expect_err("refused");
+            assert!(e.contains(why), "{e}");
+        }
+    }
+
+    #[test]
+    fn endpoints() {
+        let op = |m: Method, p: &str| match endpoint(&m, p) {
+            Endpoint::Mutating(Op::Reload) => "reload".to_string(),
+            Endpoint::Mutating(Op::SetWeights(r)) => format!("weights {r}"),
+            Endpoint::Mutating(Op::StartShift(r)) => format!("shift {r}"),
+            Endpoint::Mutating(Op::StopShift(r)) => format!("stop {r}"),
+            Endpoint::WrongMethod(a) => format!("405 {a}"),
+            Endpoint::ReadOnly => "read".to_string(),
+        };
+        assert_eq!(op(Method::PUT, "/routes/shop/weights"), "weights shop");
+        assert_eq!(op(Method::POST, "/routes/shop/weights"), "405 PUT");
+        assert_eq!(op(Method::POST, "/routes/shop/shift"), "shift shop");
+        assert_eq!(op(Method::DELETE, "/routes/shop/shift"), "stop shop");
+        assert_eq!(op(Method::PUT, "/routes/shop/shift"), "405 POST, DELETE");
+        assert_eq!(op(Method::GET, "/reload"), "405 POST");
+        assert_eq!(op(Method::GET, "/routes/shop"), "read");
     }
 }

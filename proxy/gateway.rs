@@ -15,11 +15,13 @@ use pingora::{Error, ErrorType};
 use serde::Serialize;
 
 use crate::client_ip;
+use crate::config::Sticky;
 use crate::geo;
 use crate::metrics::code_class;
 use crate::router::normalize_host;
-use crate::snapshot::{NoBackend, PoolRt, Snapshot};
+use crate::snapshot::{NoBackend, PoolRt, RouteRt, Snapshot};
 use crate::state::{InflightGuard, Shared};
+use crate::traffic::{sticky, Color};
 
 /// The request path for every listener; each request finds its listener from the connection.
 pub struct Gateway {
@@ -31,7 +33,14 @@ pub struct Ctx {
     start: Instant,
     snap: Option<Arc<Snapshot>>,
     route: Option<usize>,
-    /// Index into the route's blue pools.
+    /// The color serving this request (chosen after routing and rate limiting).
+    color: Color,
+    colored: bool,
+    /// The chosen color could not serve and the other one took over.
+    crossed: bool,
+    /// A new client id cookie to hand out with the response.
+    set_cookie: Option<String>,
+    /// Index into the color's pools.
     pool_slot: usize,
     backend: Option<usize>,
     /// Bit i set: backend i of the pool was tried and failed to connect.
@@ -45,8 +54,8 @@ pub struct Ctx {
     retry_after: Option<u64>,
     /// The client address: the peer, or what trusted proxies say it is.
     client_ip: Option<IpAddr>,
-    /// The route's blue pools (slots) in the order they should serve this client, how many,
-    /// and which one is being tried.
+    /// The color's pools (slots) in the order they should serve this client, how many, and
+    /// which one is being tried.
     order: [u8; geo::MAX_POOLS],
     order_len: usize,
     order_pos: usize,
@@ -102,11 +111,28 @@ impl Gateway {
 }
 
 impl Ctx {
+    fn route(&self) -> Option<&RouteRt> {
+        Some(&self.snap.as_deref()?.routes[self.route?])
+    }
+
     /// The pool serving this request (chosen by `upstream_peer`).
     fn pool(&self) -> Option<&PoolRt> {
         let snap = self.snap.as_deref()?;
         let route = &snap.routes[self.route?];
-        route.blue.get(self.pool_slot).map(|p| &snap.pools[*p])
+        route.colors[self.color.index()]
+            .pools
+            .get(self.pool_slot)
+            .map(|p| &snap.pools[*p])
+    }
+
+    /// The region name of the pool serving this request ("" without one).
+    fn region(&self) -> Option<&str> {
+        let snap = self.snap.as_deref()?;
+        let route = &snap.routes[self.route?];
+        route.colors[self.color.index()]
+            .regions
+            .get(self.pool_slot)
+            .map(|(name, _)| name.as_str())
     }
 
     fn mark_failed(&mut self) {
@@ -122,6 +148,43 @@ fn request_host(req: &RequestHeader) -> &str {
         .map(|a| a.as_str())
         .or_else(|| req.headers.get("host").and_then(|h| h.to_str().ok()))
         .unwrap_or("")
+}
+
+/// The color of a request: the override header's if present, else by the client's bucket (its
+/// cookie, its address, or drawn per request) against the green weight. Also the cookie to set
+/// when the client has none yet.
+fn choose_color(
+    route: &RouteRt,
+    req: &RequestHeader,
+    client_ip: Option<IpAddr>,
+    tls: bool,
+) -> (Color, Option<String>) {
+    if !route.has_green() {
+        return (Color::Blue, None);
+    }
+    if let Some(c) = route
+        .override_header
+        .as_deref()
+        .and_then(|h| sticky::override_color(&req.headers, h))
+    {
+        return (c, None);
+    }
+    let green = route.control.green_weight();
+    match route.sticky {
+        Sticky::None => (sticky::color_of(fastrand::u8(0..100), green), None),
+        Sticky::ClientIp => {
+            let bucket = client_ip.map_or_else(|| fastrand::u8(0..100), sticky::ip_bucket);
+            (sticky::color_of(bucket, green), None)
+        }
+        Sticky::Cookie => match sticky::cookie_id(&req.headers) {
+            Some(id) => (sticky::color_of(sticky::bucket(id.as_bytes()), green), None),
+            None => {
+                let id = sticky::new_id();
+                let color = sticky::color_of(sticky::bucket(id.as_bytes()), green);
+                (color, Some(sticky::set_cookie(&id, tls)))
+            }
+        },
+    }
 }
 
 /// A request id the client sent is kept if it is a sane token; otherwise a new one is made.
@@ -147,6 +210,10 @@ impl ProxyHttp for Gateway {
             start: Instant::now(),
             snap: None,
             route: None,
+            color: Color::Blue,
+            colored: false,
+            crossed: false,
+            set_cookie: None,
             pool_slot: 0,
             backend: None,
             failed: 0,
@@ -234,6 +301,9 @@ impl ProxyHttp for Gateway {
                         }
                     }
                 }
+                (ctx.color, ctx.set_cookie) =
+                    choose_color(route, session.req_header(), ctx.client_ip, ctx.tls);
+                ctx.colored = true;
                 Ok(false)
             }
             None => {
@@ -249,40 +319,51 @@ impl ProxyHttp for Gateway {
             return Err(Error::explain(ErrorType::InternalError, "no route chosen"));
         };
         let route = &snap.routes[r];
-        if ctx.order_len == 0 {
-            // nearest healthy data center first; without a location, the listed order (a
-            // route with one pool needs no lookup)
-            let place = snap
-                .geo
-                .as_ref()
-                .filter(|_| route.sites.len() > 1)
-                .zip(ctx.client_ip)
-                .and_then(|(db, ip)| db.lookup(ip));
-            (ctx.order, ctx.order_len) = geo::order(&route.sites, place.as_ref());
-        }
         let clock = self.shared.health.clock();
         let mut all_down: Option<u64> = None;
-        while ctx.order_pos < ctx.order_len {
-            let slot = usize::from(ctx.order[ctx.order_pos]);
-            let pool = &snap.pools[route.blue[slot]];
-            match pool.pick(ctx.failed, &clock) {
-                Ok(b) => {
-                    ctx.pool_slot = slot;
-                    ctx.backend = Some(b);
-                    if snap.geo.is_some() && !ctx.geo_counted {
-                        ctx.geo_counted = true;
-                        route.regions[slot].1.inc();
-                    }
-                    return Ok(Box::new(pool.backends[b].peer.clone()));
-                }
-                Err(NoBackend::AllDown { retry_after }) => {
-                    all_down = Some(all_down.map_or(retry_after, |s| s.min(retry_after)));
-                }
-                Err(NoBackend::Exhausted) => {}
+        loop {
+            let color = &route.colors[ctx.color.index()];
+            if ctx.order_len == 0 {
+                // nearest healthy data center first; without a location, the listed order (a
+                // color with one pool needs no lookup)
+                let place = snap
+                    .geo
+                    .as_ref()
+                    .filter(|_| color.sites.len() > 1)
+                    .zip(ctx.client_ip)
+                    .and_then(|(db, ip)| db.lookup(ip));
+                (ctx.order, ctx.order_len) = geo::order(&color.sites, place.as_ref());
             }
-            // this pool cannot serve: the next nearest one (backend indexes start afresh)
-            ctx.order_pos += 1;
-            ctx.failed = 0;
+            while ctx.order_pos < ctx.order_len {
+                let slot = usize::from(ctx.order[ctx.order_pos]);
+                let pool = &snap.pools[color.pools[slot]];
+                match pool.pick(ctx.failed, &clock) {
+                    Ok(b) => {
+                        ctx.pool_slot = slot;
+                        ctx.backend = Some(b);
+                        if snap.geo.is_some() && !ctx.geo_counted {
+                            ctx.geo_counted = true;
+                            color.regions[slot].1.inc();
+                        }
+                        return Ok(Box::new(pool.backends[b].peer.clone()));
+                    }
+                    Err(NoBackend::AllDown { retry_after }) => {
+                        all_down = Some(all_down.map_or(retry_after, |s| s.min(retry_after)));
+                    }
+                    Err(NoBackend::Exhausted) => {}
+                }
+                // this pool cannot serve: the next nearest one (backend indexes start afresh)
+                ctx.order_pos += 1;
+                ctx.failed = 0;
+            }
+            // no pool of this color can serve: the other color's take over, once
+            let other = ctx.color.other();
+            if ctx.crossed || route.colors[other.index()].pools.is_empty() {
+                break;
+            }
+            ctx.crossed = true;
+            ctx.color = other;
+            (ctx.order_len, ctx.order_pos, ctx.failed) = (0, 0, 0);
         }
         match all_down {
             Some(retry_after) if ctx.retries == 0 => {
@@ -309,6 +390,9 @@ impl ProxyHttp for Gateway {
         // Nothing was sent, so another backend may take any request, whatever its method.
         if let Some((pool, b)) = ctx.pool().zip(ctx.backend) {
             pool.backends[b].health.connect_failed(&pool.eject);
+        }
+        if let Some(route) = ctx.route() {
+            route.control.record(ctx.color, true);
         }
         ctx.mark_failed();
         let retry = ctx.retries < MAX_RETRIES;
@@ -405,17 +489,13 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         self.add_hsts(resp, ctx)?;
-        if let Some((name, snap)) = ctx
-            .snap
-            .as_deref()
-            .and_then(|s| s.geo_header.as_deref().map(|h| (h, s)))
-        {
-            if let Some((region, _)) = ctx
-                .route
-                .and_then(|r| snap.routes[r].regions.get(ctx.pool_slot))
-            {
-                resp.insert_header(name.to_string(), region.as_str())?;
+        if let Some(name) = ctx.snap.as_deref().and_then(|s| s.geo_header.as_deref()) {
+            if let Some(region) = ctx.region() {
+                resp.insert_header(name.to_string(), region)?;
             }
+        }
+        if let Some(cookie) = ctx.set_cookie.take() {
+            resp.append_header("set-cookie", cookie)?;
         }
         if resp.headers.get("x-request-id").is_none() {
             resp.insert_header("x-request-id", ctx.request_id.as_str())?;
@@ -463,18 +543,15 @@ impl ProxyHttp for Gateway {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.start.elapsed();
-        let route = ctx
-            .snap
-            .as_deref()
-            .zip(ctx.route)
-            .map(|(s, r)| &s.routes[r]);
+        let route = ctx.route();
         let pool = ctx.pool();
         match route {
             Some(r) => {
-                if status > 0 {
-                    if let Some(c) = r.blue_requests.get(ctx.pool_slot) {
+                if status > 0 && ctx.colored {
+                    if let Some(c) = r.colors[ctx.color.index()].requests.get(ctx.pool_slot) {
                         c[code_class(status)].inc();
                     }
+                    r.control.record(ctx.color, status >= 500);
                 }
                 r.duration.observe(elapsed.as_secs_f64());
             }
@@ -511,12 +588,11 @@ impl ProxyHttp for Gateway {
             bytes: session.body_bytes_sent(),
             duration_ms: elapsed.as_secs_f64() * 1000.0,
             route: route.map(|r| r.name.as_str()),
+            color: ctx.colored.then(|| ctx.color.name()),
             pool: pool.map(|p| p.name.as_str()),
-            region: route
-                .filter(|_| ctx.backend.is_some())
-                .and_then(|r| r.regions.get(ctx.pool_slot))
-                .map(|(name, _)| name.as_str())
-                .filter(|n| !n.is_empty()),
+            region: ctx
+                .region()
+                .filter(|n| ctx.backend.is_some() && !n.is_empty()),
             backend: pool
                 .zip(ctx.backend)
                 .map(|(p, b)| p.backends[b].address.to_string()),
@@ -550,6 +626,8 @@ struct AccessLine<'a> {
     bytes: usize,
     duration_ms: f64,
     route: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    color: Option<&'a str>,
     pool: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     region: Option<&'a str>,

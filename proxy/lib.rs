@@ -2,6 +2,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod audit;
 pub mod auth;
 pub mod balancer;
 pub mod client_ip;
@@ -18,4 +19,5 @@ pub mod server;
 pub mod snapshot;
 pub mod state;
 pub mod tls;
+pub mod traffic;
 pub mod watch;

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub rate_limited: IntCounterVec,
     /// `route`, `color`: the share of clients each color gets (0-100)
     pub route_weight: IntGaugeVec,
+    /// `route`: shifts undone automatically
+    pub shift_rollbacks: IntCounterVec,
     /// `result` = ok / error
     pub config_reloads: IntCounterVec,
     pub config_generation: IntGauge,
@@ -108,6 +110,13 @@ impl Metrics {
             ),
             &["route", "color"],
         )?;
+        let shift_rollbacks = IntCounterVec::new(
+            Opts::new(
+                "sluice_shift_rollbacks_total",
+                "Traffic shifts rolled back because the target color failed, by route",
+            ),
+            &["route"],
+        )?;
         let config_reloads = IntCounterVec::new(
             Opts::new("sluice_config_reloads_total", "Config loads, by result"),
             &["result"],
@@ -132,6 +141,7 @@ impl Metrics {
         registry.register(Box::new(geo_decisions.clone()))?;
         registry.register(Box::new(rate_limited.clone()))?;
         registry.register(Box::new(route_weight.clone()))?;
+        registry.register(Box::new(shift_rollbacks.clone()))?;
         registry.register(Box::new(config_reloads.clone()))?;
         registry.register(Box::new(config_generation.clone()))?;
         registry.register(Box::new(config_last_reload_success.clone()))?;
@@ -146,6 +156,7 @@ impl Metrics {
             geo_decisions,
             rate_limited,
             route_weight,
+            shift_rollbacks,
             config_reloads,
             config_generation,
             config_last_reload_success,

@@ -138,6 +138,12 @@ pub fn run(config_path: &Path) -> Result<(), String> {
         },
     ));
     server.add_service(background_service(
+        "shift controller",
+        crate::traffic::Controller {
+            shared: shared.clone(),
+        },
+    ));
+    server.add_service(background_service(
         "rate limit upkeep",
         crate::rate_limit::Upkeep {
             shared: shared.clone(),

@@ -9,13 +9,14 @@ use pingora::upstreams::peer::HttpPeer;
 use prometheus::{Histogram, IntCounter};
 
 use crate::balancer::SmoothRoundRobin;
-use crate::config::{Config, Eject, HealthCheck, Listener, RouteLimit};
+use crate::config::{Config, Eject, HealthCheck, Listener, RouteLimit, Sticky};
 use crate::geo::{GeoDb, Site};
 use crate::health::{self, BackendHealth, Clock, ProbeTarget};
 use crate::metrics::{Metrics, CODE_CLASSES};
 use crate::rate_limit::{self, Limiter};
 use crate::router::Router;
 use crate::tls::CertSet;
+use crate::traffic::{Color, RouteControl, Traffic};
 use ipnet::IpNet;
 
 /// How long an idle upstream connection is kept for reuse.
@@ -42,18 +43,34 @@ pub struct Snapshot {
 
 pub struct RouteRt {
     pub name: String,
-    /// Pools of the blue color, as indexes into `Snapshot::pools`.
-    pub blue: Vec<usize>,
+    /// Blue, then green.
+    pub colors: [ColorRt; 2],
+    /// Weights, shifts and error windows: live state that outlives this snapshot.
+    pub control: Arc<RouteControl>,
+    pub sticky: Sticky,
+    pub override_header: Option<String>,
     pub duration: Histogram,
-    /// Per blue pool (same order as `blue`), one counter per status class.
-    pub blue_requests: Vec<[IntCounter; 5]>,
     /// The route's rate limiter, if it is limited.
     pub limit: Option<Arc<Limiter>>,
     pub rate_limited: IntCounter,
-    /// Per blue pool: its data center, if its region is known.
+}
+
+/// The pools of one color of a route.
+pub struct ColorRt {
+    /// Indexes into `Snapshot::pools`.
+    pub pools: Vec<usize>,
+    /// Per pool (same order), one request counter per status class.
+    pub requests: Vec<[IntCounter; 5]>,
+    /// Per pool: its data center, if its region is known.
     pub sites: Vec<Option<Site>>,
-    /// Per blue pool: the region name ("" without one) and its geo decision counter.
+    /// Per pool: the region name ("" without one) and its geo decision counter.
     pub regions: Vec<(String, IntCounter)>,
+}
+
+impl RouteRt {
+    pub fn has_green(&self) -> bool {
+        !self.colors[1].pools.is_empty()
+    }
 }
 
 pub struct PoolRt {
@@ -131,67 +148,32 @@ impl Snapshot {
         metrics: &Metrics,
         health: &health::Registry,
         limits: &rate_limit::Registry,
+        traffic: &Traffic,
     ) -> Snapshot {
         let pools: Vec<PoolRt> = config
             .pools
             .iter()
             .map(|p| build_pool(p, metrics, health))
             .collect();
-        for r in &config.routes {
-            let w = &metrics.route_weight;
-            w.with_label_values(&[&r.name, "blue"])
-                .set(i64::from(r.weights.0));
-            w.with_label_values(&[&r.name, "green"])
-                .set(i64::from(r.weights.1));
-        }
         let routes = config
             .routes
             .iter()
             .map(|r| RouteRt {
                 name: r.name.clone(),
-                blue: r.blue.clone(),
+                colors: [Color::Blue, Color::Green].map(|c| {
+                    let pools = if c == Color::Blue { &r.blue } else { &r.green };
+                    build_color(&config, &r.name, c, pools, metrics)
+                }),
+                control: traffic.get(&r.name).unwrap_or_else(|| {
+                    // `apply_config` ran first; a control of its own keeps the request
+                    // path total even so
+                    Arc::new(RouteControl::detached(&r.name, r.weights.1))
+                }),
+                sticky: r.sticky,
+                override_header: r.override_header.clone(),
                 duration: metrics.request_duration.with_label_values(&[&r.name]),
-                blue_requests: r
-                    .blue
-                    .iter()
-                    .map(|p| {
-                        CODE_CLASSES.map(|c| {
-                            metrics.requests.with_label_values(&[
-                                &r.name,
-                                "blue",
-                                &config.pools[*p].name,
-                                c,
-                            ])
-                        })
-                    })
-                    .collect(),
                 limit: route_limiter(&config, r, limits),
                 rate_limited: metrics.rate_limited.with_label_values(&[&r.name]),
-                sites: r
-                    .blue
-                    .iter()
-                    .map(|p| {
-                        let region = config.pools[*p].region.as_ref()?;
-                        let g = config.regions.iter().find(|g| &g.name == region)?;
-                        Some(Site {
-                            location: g.location,
-                            countries: g
-                                .countries
-                                .iter()
-                                .filter_map(|c| <[u8; 2]>::try_from(c.as_bytes()).ok())
-                                .collect(),
-                        })
-                    })
-                    .collect(),
-                regions: r
-                    .blue
-                    .iter()
-                    .map(|p| {
-                        let region = config.pools[*p].region.clone().unwrap_or_default();
-                        let c = metrics.geo_decisions.with_label_values(&[&r.name, &region]);
-                        (region, c)
-                    })
-                    .collect(),
             })
             .collect();
         let router = Router::new(
@@ -258,6 +240,54 @@ impl Snapshot {
     /// The listener a connection arrived on, from the connection's local address.
     pub fn listener(&self, local: SocketAddr) -> Option<&Listener> {
         find_listener(&self.config.listeners, local, |l| l.listen)
+    }
+}
+
+fn build_color(
+    config: &Config,
+    route: &str,
+    color: Color,
+    pools: &[usize],
+    metrics: &Metrics,
+) -> ColorRt {
+    ColorRt {
+        pools: pools.to_vec(),
+        requests: pools
+            .iter()
+            .map(|p| {
+                CODE_CLASSES.map(|c| {
+                    metrics.requests.with_label_values(&[
+                        route,
+                        color.name(),
+                        &config.pools[*p].name,
+                        c,
+                    ])
+                })
+            })
+            .collect(),
+        sites: pools
+            .iter()
+            .map(|p| {
+                let region = config.pools[*p].region.as_ref()?;
+                let g = config.regions.iter().find(|g| &g.name == region)?;
+                Some(Site {
+                    location: g.location,
+                    countries: g
+                        .countries
+                        .iter()
+                        .filter_map(|c| <[u8; 2]>::try_from(c.as_bytes()).ok())
+                        .collect(),
+                })
+            })
+            .collect(),
+        regions: pools
+            .iter()
+            .map(|p| {
+                let region = config.pools[*p].region.clone().unwrap_or_default();
+                let c = metrics.geo_decisions.with_label_values(&[route, &region]);
+                (region, c)
+            })
+            .collect(),
     }
 }
 

@@ -21,11 +21,18 @@ pub struct Shared {
     pub health: crate::health::Registry,
     /// Rate-limit buckets, keyed by scope + quota: survive reloads that keep the quota.
     pub limits: crate::rate_limit::Registry,
+    /// Route weights, shifts and color error windows, keyed by route name; persisted in
+    /// `admin.state_file`.
+    pub traffic: crate::traffic::Traffic,
+    /// `admin.audit_log`.
+    pub audit: crate::audit::Audit,
+    /// Admin clients that failed authentication too often.
+    pub lockout: crate::auth::Lockout,
     pub config_path: PathBuf,
     /// `file:line:col: message` of the last failed load, if the last load failed.
     pub last_error: Mutex<Option<String>>,
     /// What the served config changes that only a restart can apply (listeners, admin address,
-    /// threads, access log target), if anything.
+    /// state file and audit log, threads, access log target), if anything.
     pub restart_required: Mutex<Option<String>>,
     /// Reloads run one at a time.
     reload_lock: Mutex<()>,
@@ -47,7 +54,14 @@ impl Shared {
         )));
         let health = crate::health::Registry::default();
         let limits = crate::rate_limit::Registry::default();
-        let snapshot = Snapshot::build(config, 1, &metrics, &health, &limits);
+        let traffic = crate::traffic::Traffic::new(
+            config.admin.state_file.clone(),
+            metrics.route_weight.clone(),
+            metrics.shift_rollbacks.clone(),
+        );
+        traffic.apply_config(&config);
+        let audit = crate::audit::Audit::new(config.admin.audit_log.clone());
+        let snapshot = Snapshot::build(config, 1, &metrics, &health, &limits, &traffic);
         metrics.config_generation.set(1);
         metrics.config_last_reload_success.set(1);
         metrics.config_reloads.with_label_values(&["ok"]).inc();
@@ -58,6 +72,9 @@ impl Shared {
             lifecycle: Lifecycle::default(),
             health,
             limits,
+            traffic,
+            audit,
+            lockout: crate::auth::Lockout::default(),
             config_path,
             last_error: Mutex::new(None),
             restart_required: Mutex::new(None),
@@ -126,7 +143,15 @@ impl Shared {
             .iter()
             .flat_map(|p| p.backends.iter().map(|b| (p.name.clone(), b.address)))
             .collect();
-        let snap = Snapshot::build(cfg, generation, m, &self.health, &self.limits);
+        self.traffic.apply_config(&cfg);
+        let snap = Snapshot::build(
+            cfg,
+            generation,
+            m,
+            &self.health,
+            &self.limits,
+            &self.traffic,
+        );
         let limiters: Vec<_> = snap.routes.iter().filter_map(|r| r.limit.clone()).collect();
         self.snapshot.store(Arc::new(snap));
         self.health.retain(&keep, m);
@@ -207,6 +232,14 @@ fn restart_needed(running: &Config, new: &mut Config) -> Option<String> {
             running.admin.listen, new.admin.listen
         ));
         new.admin.listen = running.admin.listen;
+    }
+    if new.admin.state_file != running.admin.state_file {
+        what.push("admin.state_file".to_string());
+        new.admin.state_file = running.admin.state_file.clone();
+    }
+    if new.admin.audit_log != running.admin.audit_log {
+        what.push("admin.audit_log".to_string());
+        new.admin.audit_log = running.admin.audit_log.clone();
     }
     if new.server.threads != running.server.threads {
         what.push(format!(

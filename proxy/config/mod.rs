@@ -1,8 +1,7 @@
 //! The config file contract (`shared/spec/sluice.example.toml`) read into one validated `Config`.
 //!
 //! Reading walks toml's spanned tree by hand so that *every* problem is reported at once, each as
-//! `file:line:col: message`, the way `nginx -t` does. Keys that belong to features not built yet
-//! are understood and refused with "not supported yet" rather than ignored.
+//! `file:line:col: message`, the way `nginx -t` does. Unknown keys are errors, never ignored.
 
 pub mod reader;
 
@@ -48,6 +47,10 @@ pub struct Admin {
     /// Bearer tokens from `token_file`; `None` when there is no token file (every mutating
     /// call is then refused).
     pub tokens: Option<Vec<String>>,
+    /// Where admin weights and shifts are kept across restarts; `None`: they are not.
+    pub state_file: Option<PathBuf>,
+    /// One JSON line per mutating admin call; `None`: no audit trail.
+    pub audit_log: Option<PathBuf>,
 }
 
 #[derive(Clone)]
@@ -183,6 +186,26 @@ pub enum Sticky {
     None,
 }
 
+/// `[route.rollback]`: when a running shift is undone because its target color fails.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rollback {
+    /// Failed share (5xx and failed connections) of the color's requests in `window`.
+    pub max_error_rate: f64,
+    pub window: Duration,
+    /// Below this many requests in the window nothing is judged.
+    pub min_requests: u32,
+}
+
+impl Default for Rollback {
+    fn default() -> Self {
+        Rollback {
+            max_error_rate: 0.05,
+            window: Duration::from_secs(30),
+            min_requests: 20,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Route {
     pub name: String,
@@ -193,6 +216,11 @@ pub struct Route {
     pub green: Vec<usize>,
     pub weights: (u8, u8),
     pub sticky: Sticky,
+    /// Lower-case header name; a request carrying `blue`/`green` there goes to that color.
+    pub override_header: Option<String>,
+    /// The error-rate rule of shifts; `None` (`rollback = false`): only a color without any
+    /// healthy backend rolls a shift back.
+    pub rollback: Option<Rollback>,
     pub rate_limit: RouteLimit,
 }
 
@@ -283,20 +311,6 @@ pub fn hex(bytes: &[u8]) -> String {
         let _ = write!(s, "{b:02x}");
         s
     })
-}
-
-fn not_yet(d: &mut Diagnostics, t: &Table, key: &str, issue: &str) {
-    if let Some(span) = t.key_span(key) {
-        let name = if t.path.is_empty() {
-            key.to_string()
-        } else {
-            format!("{}.{}", t.path, key)
-        };
-        d.error(
-            &span,
-            format!("`{name}` is not supported yet ({issue}); remove it to run this version"),
-        );
-    }
 }
 
 struct Builder<'d, 's> {
@@ -429,13 +443,35 @@ impl Builder<'_, '_> {
         let mut admin = Admin {
             listen: SocketAddr::from(([127, 0, 0, 1], 9900)),
             tokens: None,
+            state_file: None,
+            audit_log: None,
         };
         let Some(t) = root.table(self.d, "admin") else {
             return (!root.has("admin")).then_some(admin);
         };
         t.check_keys(self.d, &["listen", "token_file", "state_file", "audit_log"]);
         for key in ["state_file", "audit_log"] {
-            not_yet(self.d, &t, key, "admin weights API");
+            // written by sluice (the directory is created when missing): need not exist yet
+            let Some(f) = t.string(self.d, key) else {
+                continue;
+            };
+            if f.value.is_empty() || f.value.ends_with('/') {
+                self.d
+                    .error(&f.span, format!("`admin.{key}` must be a file path"));
+                continue;
+            }
+            let p = Some(self.path(&f.value));
+            if key == "state_file" {
+                admin.state_file = p;
+            } else {
+                admin.audit_log = p;
+            }
+        }
+        if admin.state_file.is_some() && admin.state_file == admin.audit_log {
+            self.d.error(
+                &t.span,
+                "`admin.state_file` and `admin.audit_log` must be different files",
+            );
         }
         if let Some(f) = t.string(self.d, "token_file") {
             let p = self.path(&f.value);
@@ -1116,8 +1152,6 @@ impl Builder<'_, '_> {
                     "rate_limit",
                 ],
             );
-            not_yet(self.d, &t, "rollback", "blue-green shifting");
-            not_yet(self.d, &t, "override_header", "blue-green shifting");
             let name = self.unique_name(&t, &mut seen, "route");
             let rate_limit = self.route_limit(&t);
             let hosts = self.host_patterns(&t, "hosts");
@@ -1158,9 +1192,29 @@ impl Builder<'_, '_> {
                     .error(&t.span, format!("`{}` is missing key `blue`", t.path));
             }
             let green = color(self, "green");
-            if !green.is_empty() {
-                not_yet(self.d, &t, "green", "blue-green shifting");
+            if let Some(both) = blue.iter().find(|p| green.contains(p)) {
+                self.d.error(
+                    &t.span,
+                    format!(
+                        "`{}`: pool \"{}\" is both blue and green",
+                        t.path, pools[*both].name
+                    ),
+                );
             }
+            for (key, list) in [("blue", &blue), ("green", &green)] {
+                if list.len() > crate::geo::MAX_POOLS {
+                    self.d.error(
+                        &t.span,
+                        format!(
+                            "`{}.{key}`: at most {} pools per color",
+                            t.path,
+                            crate::geo::MAX_POOLS
+                        ),
+                    );
+                }
+            }
+            let override_header = self.override_header(&t);
+            let rollback = self.rollback(&t);
             let weights = self.weights(&t, !green.is_empty());
             let sticky = match t.string(self.d, "sticky") {
                 None => Sticky::Cookie,
@@ -1207,11 +1261,58 @@ impl Builder<'_, '_> {
                     green,
                     weights,
                     sticky,
+                    override_header,
+                    rollback,
                     rate_limit,
                 });
             }
         }
         out
+    }
+
+    fn override_header(&mut self, t: &Table) -> Option<String> {
+        let h = t.string(self.d, "override_header")?;
+        let name = h.value.to_ascii_lowercase();
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            self.d.error(
+                &h.span,
+                format!(
+                    "`{}.override_header`: \"{}\" is not a valid header name",
+                    t.path, h.value
+                ),
+            );
+            return None;
+        }
+        Some(name)
+    }
+
+    fn rollback(&mut self, t: &Table) -> Option<Rollback> {
+        let mut r = Rollback::default();
+        let Some(v) = t.raw("rollback") else {
+            return Some(r);
+        };
+        if let Some(b) = v.get_ref().as_bool() {
+            return b.then_some(r);
+        }
+        let rt = t.table(self.d, "rollback")?;
+        rt.check_keys(self.d, &["max_error_rate", "window", "min_requests"]);
+        if let Some(x) = rt.float(self.d, "max_error_rate", 0.0, 1.0) {
+            r.max_error_rate = x.value;
+        }
+        if let Some(w) = rt.duration(self.d, "window") {
+            if w.value < Duration::from_secs(1) || w.value > Duration::from_secs(3600) {
+                self.d.error(
+                    &w.span,
+                    format!("`{}.window` must be between 1s and 1h", rt.path),
+                );
+            } else {
+                r.window = w.value;
+            }
+        }
+        if let Some(n) = rt.integer(self.d, "min_requests", 1, 1_000_000) {
+            r.min_requests = n.value as u32;
+        }
+        Some(r)
     }
 
     fn weights(&mut self, t: &Table, has_green: bool) -> (u8, u8) {
