@@ -5,6 +5,8 @@
 //! - `POST /_demo/fail`, `POST /_demo/recover`: every answer becomes 503 / normal again
 //! - `POST /_demo/health-fail`: `/healthz` answers 500 while other paths still work (until
 //!   `/_demo/recover`)
+//! - `POST /_demo/errors?status=N`: every other answer has status N while `/healthz` stays
+//!   healthy (a broken release that passes its health check), until `/_demo/recover`
 //! - `GET /_demo/sleep?ms=N`: answers after N milliseconds
 //! - `GET /_demo/headers`: the request's headers as JSON
 //!
@@ -16,7 +18,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,6 +56,8 @@ struct State {
     failing: AtomicBool,
     /// `/healthz` answers 500 while traffic is still served.
     sick: AtomicBool,
+    /// Status of every ordinary answer while set (0: off).
+    error_status: AtomicU16,
     connections: AtomicU64,
 }
 
@@ -106,6 +110,7 @@ async fn serve(opts: Options) -> Result<(), String> {
         name: opts.name.clone(),
         failing: AtomicBool::new(opts.fail),
         sick: AtomicBool::new(false),
+        error_status: AtomicU16::new(0),
         connections: AtomicU64::new(0),
     });
     eprintln!("demo-backend {} listening on {}", opts.name, opts.listen);
@@ -175,7 +180,18 @@ async fn handle(
         "/_demo/recover" => {
             state.failing.store(false, Ordering::SeqCst);
             state.sick.store(false, Ordering::SeqCst);
+            state.error_status.store(0, Ordering::SeqCst);
             return Ok(text(StatusCode::OK, name, "recovered\n".into()));
+        }
+        "/_demo/errors" => {
+            let status = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("status="))
+                .and_then(|v| v.parse::<u16>().ok())
+                .filter(|s| (400..600).contains(s))
+                .unwrap_or(500);
+            state.error_status.store(status, Ordering::SeqCst);
+            return Ok(text(StatusCode::OK, name, format!("answering {status}\n")));
         }
         "/_demo/health-fail" => {
             state.sick.store(true, Ordering::SeqCst);
@@ -227,7 +243,9 @@ async fn handle(
         _ => {
             // drain the body so keep-alive works for POSTs too
             let _ = req.into_body().collect().await;
-            Ok(text(StatusCode::OK, name, format!("{name}\n")))
+            let status = StatusCode::from_u16(state.error_status.load(Ordering::SeqCst))
+                .unwrap_or(StatusCode::OK);
+            Ok(text(status, name, format!("{name}\n")))
         }
     }
 }

@@ -136,6 +136,54 @@ fn broken_configs_name_file_line_and_key() {
             "must sum to 100",
         ),
         (
+            "weights = { blue = 100, green = 0 }",
+            "weights = { blue = 90, green = 10 }",
+            "weights =",
+            "has no green pools",
+        ),
+        (
+            "blue = [\"a\"]",
+            "blue = [\"a\"]\ngreen = [\"nope\"]",
+            "green = [",
+            "`route[0].green`: unknown pool \"nope\"",
+        ),
+        (
+            "blue = [\"a\"]",
+            "blue = [\"a\"]\noverride_header = \"x color\"",
+            "override_header",
+            "not a valid header name",
+        ),
+        (
+            "blue = [\"a\"]",
+            "blue = [\"a\"]\nsticky = \"session\"",
+            "sticky",
+            "must be \"cookie\", \"client_ip\" or \"none\"",
+        ),
+        (
+            "weights = { blue = 100, green = 0 }",
+            "weights = { blue = 100, green = 0 }\n[route.rollback]\nwindow = \"100ms\"",
+            "window",
+            "must be between 1s and 1h",
+        ),
+        (
+            "weights = { blue = 100, green = 0 }",
+            "weights = { blue = 100, green = 0 }\n[route.rollback]\nmax_error_rate = 5",
+            "max_error_rate",
+            "max_error_rate",
+        ),
+        (
+            "weights = { blue = 100, green = 0 }",
+            "weights = { blue = 100, green = 0 }\n[route.rollback]\nmin_request = 5",
+            "min_request",
+            "unknown key `route[0].rollback.min_request`",
+        ),
+        (
+            "listen = \"127.0.0.1:9900\"",
+            "listen = \"127.0.0.1:9900\"\nstate_file = \"\"",
+            "state_file",
+            "`admin.state_file` must be a file path",
+        ),
+        (
             "cert = \"site.crt\"",
             "cert = \"missing.crt\"",
             "cert = \"missing.crt\"",
@@ -323,6 +371,18 @@ fn shipped_configs_are_valid() {
         let dir = tempdir();
         let (code, err) = check(dir.path(), &text);
         assert_eq!(code, 0, "config/{name}: {err}");
+    }
+    // the contract's own example (kept beside this repository, not in it)
+    let spec = root.join("../shared/spec/sluice.example.toml");
+    if let Ok(text) = std::fs::read_to_string(&spec) {
+        let dir = tempdir();
+        std::fs::write(dir.path().join("admin.token"), "t0ken\n").expect("token");
+        let text = text
+            .replace("../certs/dev.crt", &crt.display().to_string())
+            .replace("../certs/dev.key", &key.display().to_string())
+            .replace("../geoip/demo-city.mmdb", &mmdb.display().to_string());
+        let (code, err) = check(dir.path(), &text);
+        assert_eq!(code, 0, "{}: {err}", spec.display());
     }
 }
 

@@ -243,10 +243,24 @@ pub fn request(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Option<Reply> {
+    request_with_body(addr, method, path, headers, b"")
+}
+
+/// `request` with a body (sent with its `Content-Length`).
+pub fn request_with_body(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Option<Reply> {
     use std::io::Write;
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: 0\r\n");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
         req.push_str("Host: test\r\n");
     }
@@ -255,6 +269,7 @@ pub fn request(
     }
     req.push_str("\r\n");
     s.write_all(req.as_bytes()).ok()?;
+    s.write_all(body).ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     let (head, body) = buf.split_once("\r\n\r\n")?;
