@@ -27,20 +27,25 @@ BUILD_FLAGS := $(if $(filter dev,$(PROFILE)),--all-targets,--bin sluice)
 build: deps
 	$(CARGO) build --profile $(PROFILE) $(BUILD_FLAGS)
 
-# The demo: a dev certificate, two demo backends on 127.0.0.1:9001/9002, and the gateway on
-# https://localhost:8443 (h2 + http/1.1), http://localhost:8080 (h1 + h2c), admin 127.0.0.1:9900.
-# Ctrl-C stops everything.
+# The demo: a dev certificate, blue demo backends on 127.0.0.1:9001/9002, a green one on 9003,
+# and the gateway on https://localhost:8443 (h2 + http/1.1), http://localhost:8080 (h1 + h2c),
+# admin 127.0.0.1:9900 (its token in state/admin.token). Ctrl-C stops everything.
 run: build
 	@$(BIN) gen-cert --cert certs/dev.crt --key certs/dev.key
 	@[ -f geoip/demo-city.mmdb ] || $(BIN) geoip-build-demo --out geoip/demo-city.mmdb
+	@mkdir -p state && [ -s state/admin.token ] || \
+	  (umask 077; od -An -N16 -tx1 /dev/urandom | tr -d ' \n' > state/admin.token; echo >> state/admin.token)
 	@set -m; pids=(); \
 	trap 'kill $${pids[@]} 2>/dev/null; wait 2>/dev/null' EXIT; \
 	$(BIN) demo-backend --listen 127.0.0.1:9001 --name backend-1 & pids+=($$!); \
 	$(BIN) demo-backend --listen 127.0.0.1:9002 --name backend-2 & pids+=($$!); \
+	$(BIN) demo-backend --listen 127.0.0.1:9003 --name green-1 & pids+=($$!); \
 	echo "sluice demo: curl -k https://localhost:8443/   (admin: curl http://127.0.0.1:9900/status)"; \
+	echo "shift to green: curl -X POST -H \"Authorization: Bearer \$$(cat state/admin.token)\" \
+	  127.0.0.1:9900/routes/shop/shift -d '{\"to\": \"green\", \"step\": 20, \"every\": \"5s\"}'"; \
 	$(BIN) run -c $(CONFIG) & pids+=($$!); \
-	trap 'kill -TERM $${pids[2]} 2>/dev/null; wait $${pids[2]} 2>/dev/null; kill $${pids[@]} 2>/dev/null; wait 2>/dev/null' INT TERM EXIT; \
-	wait $${pids[2]}
+	trap 'kill -TERM $${pids[3]} 2>/dev/null; wait $${pids[3]} 2>/dev/null; kill $${pids[@]} 2>/dev/null; wait 2>/dev/null' INT TERM EXIT; \
+	wait $${pids[3]}
 
 test: deps
 	$(CARGO) test --all-targets

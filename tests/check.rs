@@ -362,9 +362,12 @@ fn shipped_configs_are_valid() {
         .status()
         .expect("geoip-build-demo");
     assert!(status.success());
+    let token = certs.path().join("admin.token");
+    std::fs::write(&token, "t0ken\n").expect("token");
     for name in ["sluice.toml", "sluice.full.toml"] {
         let text = std::fs::read_to_string(root.join("config").join(name)).expect("read config");
         let text = text
+            .replace("../state/admin.token", &token.display().to_string())
             .replace("../certs/dev.crt", &crt.display().to_string())
             .replace("../certs/dev.key", &key.display().to_string())
             .replace("../geoip/demo-city.mmdb", &mmdb.display().to_string());

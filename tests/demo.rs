@@ -36,7 +36,7 @@ impl Drop for Group {
 #[test]
 fn make_run_serves_the_demo() {
     let root = env!("CARGO_MANIFEST_DIR");
-    for port in [8443u16, 8080, 9900, 9001, 9002] {
+    for port in [8443u16, 8080, 9900, 9001, 9002, 9003] {
         assert!(
             std::net::TcpListener::bind(("0.0.0.0", port)).is_ok(),
             "port {port} is busy: stop whatever runs there (a `make run`?) and retry"
@@ -83,16 +83,21 @@ fn make_run_serves_the_demo() {
             .danger_accept_invalid_certs(true)
             .build()
             .expect("client");
+        // (the color is pinned: a state file from an earlier demo may have shifted weights)
         let mut seen = Vec::new();
-        for _ in 0..4 {
+        for color in ["blue", "blue", "blue", "blue", "green"] {
             let r = c
                 .get("https://localhost:8443/")
+                .header("x-sluice-color", color)
                 .send()
                 .await
                 .expect("request");
             assert_eq!(r.status(), 200);
             seen.push(r.text().await.expect("body").trim().to_string());
         }
-        assert_eq!(seen, ["backend-1", "backend-2", "backend-1", "backend-2"]);
+        assert_eq!(
+            seen,
+            ["backend-1", "backend-2", "backend-1", "backend-2", "green-1"]
+        );
     });
 }
