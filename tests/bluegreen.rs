@@ -145,6 +145,24 @@ impl Setup {
         v
     }
 
+    /// Starts a shift (202 expected); returns the route.
+    fn shift(&self, to: &str, step: u8, every: &str) -> Value {
+        let body = format!(r#"{{"to": "{to}", "step": {step}, "every": "{every}"}}"#);
+        let (code, v) = self.admin("POST", "/routes/shop/shift", Some(TOKEN), body.as_bytes());
+        assert_eq!(code, 202, "{v}");
+        v
+    }
+
+    /// Waits (up to 10 s) until the route's shift is in `state`.
+    fn wait_shift(&self, state: &str) {
+        assert!(
+            wait_until(Duration::from_secs(10), || self.route()["shift"]["state"]
+                == state),
+            "shift never {state}: {}",
+            self.route()
+        );
+    }
+
     fn route(&self) -> Value {
         let (code, body) = self.sluice.admin_get("/routes/shop").expect("route");
         assert_eq!(code, 200, "{body}");
@@ -467,13 +485,7 @@ fn admin_weights_survive_restarts_and_reloads_until_the_file_changes() {
     assert_eq!(c, 200);
     assert_eq!(s.route()["source"], "admin");
     // a running shift survives a kill too
-    let (c, _) = s.admin(
-        "POST",
-        "/routes/shop/shift",
-        Some(TOKEN),
-        br#"{"to": "green", "step": 10, "every": "1h"}"#,
-    );
-    assert_eq!(c, 202);
+    s.shift("green", 10, "1h");
     s.sluice.proc.signal(libc::SIGKILL);
     s.restart();
     let r = s.route();
@@ -537,20 +549,9 @@ fn a_corrupt_state_file_is_reported_and_kept_aside() {
 #[test]
 fn a_shift_completes_and_one_towards_a_failing_green_is_rolled_back() {
     let s = start((100, 0), "none");
-    let (c, v) = s.admin(
-        "POST",
-        "/routes/shop/shift",
-        Some(TOKEN),
-        br#"{"to": "green", "step": 25, "every": "1s"}"#,
-    );
-    assert_eq!(c, 202, "{v}");
+    let v = s.shift("green", 25, "1s");
     assert_eq!(v["weights"]["green"], 25);
-    assert!(
-        wait_until(Duration::from_secs(10), || s.route()["shift"]["state"]
-            == "done"),
-        "{}",
-        s.route()
-    );
+    s.wait_shift("done");
     let r = s.route();
     assert_eq!(r["weights"]["green"], 100);
     assert_eq!(
@@ -597,19 +598,8 @@ fn a_shift_completes_and_one_towards_a_failing_green_is_rolled_back() {
             })
         })
     };
-    let (c, v) = s.admin(
-        "POST",
-        "/routes/shop/shift",
-        Some(TOKEN),
-        br#"{"to": "green", "step": 25, "every": "1s"}"#,
-    );
-    assert_eq!(c, 202, "{v}");
-    assert!(
-        wait_until(Duration::from_secs(10), || s.route()["shift"]["state"]
-            == "rolled_back"),
-        "{}",
-        s.route()
-    );
+    s.shift("green", 25, "1s");
+    s.wait_shift("rolled_back");
     let rolled_back_at = Instant::now();
     let tripped = tripped_at.lock().expect("lock").expect("the rule tripped");
     let delay = rolled_back_at.saturating_duration_since(tripped);
@@ -652,13 +642,7 @@ fn a_shift_completes_and_one_towards_a_failing_green_is_rolled_back() {
     for g in &s.green {
         let _ = http_request(g.addr, "POST", "/_demo/recover", &[]);
     }
-    let (c, v) = s.admin(
-        "POST",
-        "/routes/shop/shift",
-        Some(TOKEN),
-        br#"{"to": "green", "step": 50, "every": "1h"}"#,
-    );
-    assert_eq!(c, 202, "{v}");
+    s.shift("green", 50, "1h");
     for g in &s.green {
         g.proc.signal(libc::SIGKILL);
     }

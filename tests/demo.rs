@@ -97,7 +97,13 @@ fn make_run_serves_the_demo() {
         }
         assert_eq!(
             seen,
-            ["backend-1", "backend-2", "backend-1", "backend-2", "green-1"]
+            [
+                "backend-1",
+                "backend-2",
+                "backend-1",
+                "backend-2",
+                "green-1"
+            ]
         );
     });
 }

@@ -789,3 +789,74 @@ fn access_log_to_a_file() {
     assert_eq!(v["route"], "all");
     assert_eq!(v["client"], "127.0.0.1");
 }
+
+#[test]
+fn sticky_colors_over_tls_h2_and_h2c() {
+    let dir = tempdir();
+    let blue = Backend::start(dir.path(), "blue");
+    let green = Backend::start(dir.path(), "green");
+    let s = gateway(
+        dir.path(),
+        &format!(
+            r#"
+[[pool]]
+name = "blue"
+backends = ["{}"]
+
+[[pool]]
+name = "green"
+backends = ["{}"]
+
+[[route]]
+name = "shop"
+hosts = ["*"]
+blue = ["blue"]
+green = ["green"]
+weights = {{ blue = 50, green = 50 }}
+sticky = "cookie"
+"#,
+            blue.addr, green.addr
+        ),
+    );
+    runtime().block_on(async {
+        let h2c = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .build()
+            .expect("client");
+        for (c, url, secure) in [
+            (s.tls_client(false), s.tls_url("/"), true),
+            (h2c, format!("http://{}/", s.plain), false),
+        ] {
+            let mut colors = HashMap::new();
+            for _ in 0..20 {
+                let r = c.get(&url).send().await.expect("request");
+                assert_eq!(r.version(), Version::HTTP_2);
+                let cookie = r
+                    .headers()
+                    .get("set-cookie")
+                    .and_then(|v| v.to_str().ok())
+                    .expect("an id cookie")
+                    .to_string();
+                assert_eq!(cookie.contains("; Secure"), secure, "{cookie}");
+                let first = r.text().await.expect("body");
+                let pair = cookie.split(';').next().expect("pair").to_string();
+                for _ in 0..5 {
+                    let r = c
+                        .get(&url)
+                        .header("cookie", &pair)
+                        .send()
+                        .await
+                        .expect("request");
+                    assert!(r.headers().get("set-cookie").is_none());
+                    assert_eq!(r.text().await.expect("body"), first, "color changed");
+                }
+                *colors.entry(first).or_insert(0) += 1;
+            }
+            assert_eq!(
+                colors.len(),
+                2,
+                "20 clients at 50/50 all one color: {colors:?}"
+            );
+        }
+    });
+}
