@@ -266,6 +266,7 @@ fn weights_split_requests_without_stickiness() {
     let green = seen.get("green").copied().unwrap_or(0);
     let blue = seen.get("blue").copied().unwrap_or(0);
     assert_eq!(green + blue, 2000, "{seen:?}");
+    eprintln!("70/30, sticky none: green served {green} of 2000");
     // 30% ± 3 points
     assert!((540..=660).contains(&green), "green got {green} of 2000");
     assert_eq!(
@@ -346,6 +347,9 @@ fn sticky_cookie_keeps_clients_and_raising_green_only_moves_blue_clients() {
             }
         }
         let green_after = green_before + moved;
+        eprintln!(
+            "cookie clients: {green_before} of 300 green at 10%, {green_after} at 50% ({moved} moved blue -> green, none back)"
+        );
         assert!(moved > 0, "raising green moved no client");
         assert!(
             (105..=195).contains(&green_after),
