@@ -7,7 +7,7 @@ TARGET_DIR := target/$(if $(filter dev,$(PROFILE)),debug,$(PROFILE))
 BIN := $(TARGET_DIR)/sluice
 CONFIG ?= config/sluice.toml
 
-.PHONY: run test deps build check-config bench-micro fmt lint clean
+.PHONY: run test deps build check-config bench bench-deps bench-micro fmt lint clean
 
 # Install what the build needs when it is missing (cmake for pingora's zlib-ng).
 deps:
@@ -50,9 +50,28 @@ run: build
 test: deps
 	$(CARGO) test --all-targets
 
+# The load tools `make bench` compares sluice with (Debian packages).
+bench-deps: deps
+	@missing=""; \
+	for t in nginx:nginx haproxy:haproxy wrk:wrk h2load:nghttp2-client curl:curl taskset:util-linux; do \
+	  command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null \
+	    || { echo "error: could not install$$missing"; exit 1; }; \
+	fi
+
+# Side-by-side load benchmark: sluice, a bare pingora proxy, nginx and HAProxy on this machine
+# (benches/load/run.sh); the table goes to benches/results/. Not part of `make test`.
+bench: bench-deps
+	$(CARGO) build --release --bin sluice
+	SLUICE_BIN=target/release/sluice benches/load/run.sh
+
 # Micro-benchmarks (criterion) and the rate limiter's memory with 1,000,000 clients.
 bench-micro: deps
-	$(CARGO) bench --bench limiter --bench limiter_memory --bench geo
+	$(CARGO) bench --bench decisions --bench limiter --bench limiter_memory --bench geo
 
 check-config: build
 	$(BIN) check -c $(CONFIG)

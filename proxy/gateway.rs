@@ -7,6 +7,7 @@ use std::time::{Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use http::HeaderValue;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -15,7 +16,6 @@ use pingora::{Error, ErrorType};
 use serde::Serialize;
 
 use crate::client_ip;
-use crate::config::Sticky;
 use crate::geo;
 use crate::metrics::code_class;
 use crate::router::normalize_host;
@@ -46,7 +46,9 @@ pub struct Ctx {
     /// Bit i set: backend i of the pool was tried and failed to connect.
     failed: u64,
     retries: u8,
-    request_id: String,
+    /// The request id: the client's if it sent a sane one, else a new one. Built once as a
+    /// header value, shared by the upstream request, the response and the access log.
+    request_id: HeaderValue,
     host: String,
     /// The request arrived over TLS.
     tls: bool,
@@ -90,7 +92,7 @@ impl Gateway {
             h.insert_header(*name, value.as_str())?;
         }
         if !ctx.request_id.is_empty() {
-            h.insert_header("x-request-id", ctx.request_id.as_str())?;
+            h.insert_header("x-request-id", ctx.request_id.clone())?;
         }
         self.add_hsts(&mut h, ctx)?;
         session.set_keepalive(None);
@@ -102,8 +104,8 @@ impl Gateway {
 
     fn add_hsts(&self, h: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
         if ctx.tls {
-            if let Some(v) = ctx.snap.as_ref().and_then(|s| s.hsts.as_deref()) {
-                h.insert_header("strict-transport-security", v)?;
+            if let Some(v) = ctx.snap.as_ref().and_then(|s| s.hsts.as_ref()) {
+                h.insert_header("strict-transport-security", v.clone())?;
             }
         }
         Ok(())
@@ -150,9 +152,8 @@ fn request_host(req: &RequestHeader) -> &str {
         .unwrap_or("")
 }
 
-/// The color of a request: the override header's if present, else by the client's bucket (its
-/// cookie, its address, or drawn per request) against the green weight. Also the cookie to set
-/// when the client has none yet.
+/// The color of a request: the override header's if it names one, else by the client's
+/// bucket. Also the cookie to set when the client has none yet.
 fn choose_color(
     route: &RouteRt,
     req: &RequestHeader,
@@ -170,35 +171,29 @@ fn choose_color(
         return (c, None);
     }
     let green = route.control.green_weight();
-    match route.sticky {
-        Sticky::None => (sticky::color_of(fastrand::u8(0..100), green), None),
-        Sticky::ClientIp => {
-            let bucket = client_ip.map_or_else(|| fastrand::u8(0..100), sticky::ip_bucket);
-            (sticky::color_of(bucket, green), None)
-        }
-        Sticky::Cookie => match sticky::cookie_id(&req.headers) {
-            Some(id) => (sticky::color_of(sticky::bucket(id.as_bytes()), green), None),
-            None => {
-                let id = sticky::new_id();
-                let color = sticky::color_of(sticky::bucket(id.as_bytes()), green);
-                (color, Some(sticky::set_cookie(&id, tls)))
-            }
-        },
-    }
+    sticky::choose(route.sticky, green, &req.headers, client_ip, tls)
 }
 
-/// A request id the client sent is kept if it is a sane token; otherwise a new one is made.
-fn request_id(req: &RequestHeader) -> String {
-    if let Some(v) = req
-        .headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-    {
-        if !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()) {
-            return v.to_string();
+/// A request id the client sent is kept if it is a sane token; otherwise a new one is made
+/// (128 random bits in hex, formatted without allocating).
+fn request_id(req: &RequestHeader) -> HeaderValue {
+    if let Some(v) = req.headers.get("x-request-id") {
+        let b = v.as_bytes();
+        if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic()) {
+            return v.clone();
         }
     }
-    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = [0u8; 32];
+    let r = fastrand::u128(..);
+    for (i, out) in buf.iter_mut().enumerate() {
+        *out = HEX[((r >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("-"))
+}
+
+fn as_str(v: &HeaderValue) -> &str {
+    v.to_str().unwrap_or("-")
 }
 
 #[async_trait]
@@ -218,7 +213,7 @@ impl ProxyHttp for Gateway {
             backend: None,
             failed: 0,
             retries: 0,
-            request_id: String::new(),
+            request_id: HeaderValue::from_static(""),
             host: String::new(),
             tls: false,
             retry_after: None,
@@ -470,7 +465,10 @@ impl ProxyHttp for Gateway {
             };
             upstream.insert_header("x-forwarded-for", xff)?;
         }
-        upstream.insert_header("x-forwarded-proto", if ctx.tls { "https" } else { "http" })?;
+        upstream.insert_header(
+            "x-forwarded-proto",
+            HeaderValue::from_static(if ctx.tls { "https" } else { "http" }),
+        )?;
         let host = request_host(session.req_header()).to_string();
         if !host.is_empty() {
             upstream.insert_header("x-forwarded-host", host.as_str())?;
@@ -478,7 +476,7 @@ impl ProxyHttp for Gateway {
                 upstream.insert_header("host", host.as_str())?;
             }
         }
-        upstream.insert_header("x-request-id", ctx.request_id.as_str())?;
+        upstream.insert_header("x-request-id", ctx.request_id.clone())?;
         Ok(())
     }
 
@@ -498,7 +496,7 @@ impl ProxyHttp for Gateway {
             resp.append_header("set-cookie", cookie)?;
         }
         if resp.headers.get("x-request-id").is_none() {
-            resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+            resp.insert_header("x-request-id", ctx.request_id.clone())?;
         }
         Ok(())
     }
@@ -574,7 +572,7 @@ impl ProxyHttp for Gateway {
         let req = session.req_header();
         let line = AccessLine {
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            client: ctx.client_ip.map(|i| i.to_string()),
+            client: ctx.client_ip,
             method: req.method.as_str(),
             host: &ctx.host,
             path: req.uri.path(),
@@ -593,21 +591,19 @@ impl ProxyHttp for Gateway {
             region: ctx
                 .region()
                 .filter(|n| ctx.backend.is_some() && !n.is_empty()),
-            backend: pool
-                .zip(ctx.backend)
-                .map(|(p, b)| p.backends[b].address.to_string()),
+            backend: pool.zip(ctx.backend).map(|(p, b)| p.backends[b].address),
             retries: ctx.retries,
             failed_backends: pool.map_or_else(Vec::new, |p| {
                 (0..p.backends.len().min(64))
                     .filter(|i| ctx.failed & (1u64 << i) != 0)
-                    .map(|i| p.backends[i].address.to_string())
+                    .map(|i| p.backends[i].address)
                     .collect()
             }),
-            request_id: &ctx.request_id,
+            request_id: as_str(&ctx.request_id),
             error: e.map(|e| e.etype().as_str()),
         };
-        match serde_json::to_string(&line) {
-            Ok(s) => self.shared.access_log.log(s),
+        match serde_json::to_vec(&line) {
+            Ok(s) => self.shared.access_log.log(&s),
             Err(err) => log::error!("cannot format access log line: {err}"),
         }
     }
@@ -616,7 +612,7 @@ impl ProxyHttp for Gateway {
 #[derive(Serialize)]
 struct AccessLine<'a> {
     time: String,
-    client: Option<String>,
+    client: Option<IpAddr>,
     method: &'a str,
     host: &'a str,
     path: &'a str,
@@ -631,11 +627,11 @@ struct AccessLine<'a> {
     pool: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     region: Option<&'a str>,
-    backend: Option<String>,
+    backend: Option<std::net::SocketAddr>,
     retries: u8,
     /// Backends this request tried and failed on before the answer.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    failed_backends: Vec<String>,
+    failed_backends: Vec<std::net::SocketAddr>,
     request_id: &'a str,
     error: Option<&'a str>,
 }
@@ -649,6 +645,7 @@ mod tests {
         let mut req = RequestHeader::build("GET", b"/", None).expect("req");
         let a = request_id(&req);
         assert_eq!(a.len(), 32);
+        assert!(a.as_bytes().iter().all(u8::is_ascii_hexdigit));
         assert_ne!(a, request_id(&req));
         req.insert_header("x-request-id", "abc-123").expect("hdr");
         assert_eq!(request_id(&req), "abc-123");

@@ -3,6 +3,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+// Load-test tools for `make bench` (benches/load/), built into the binary so that the framework
+// floor has exactly sluice's build settings and allocator.
+#[path = "../benches/load/bare_proxy.rs"]
+mod bare_proxy;
+#[path = "../benches/load/tls_client.rs"]
+mod tls_client;
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -37,6 +44,9 @@ enum Cmd {
         #[arg(long, default_value = "geoip/demo-city.mmdb")]
         out: PathBuf,
     },
+    /// Benchmark tools used by `make bench` (benches/load/run.sh).
+    #[command(subcommand)]
+    Bench(BenchCmd),
     /// Write a self-signed development certificate (kept if it already exists).
     GenCert {
         #[arg(long, default_value = "certs/dev.crt")]
@@ -51,6 +61,16 @@ enum Cmd {
         )]
         hosts: Vec<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// The framework floor: a bare pingora proxy to one upstream.
+    BareProxy(bare_proxy::Options),
+    /// New TLS 1.3 connections per second against a server (JSON result on stdout).
+    Handshakes(tls_client::HandshakeOptions),
+    /// Hold N idle keep-alive TLS connections open until stdin closes.
+    Idle(tls_client::IdleOptions),
 }
 
 fn main() -> ExitCode {
@@ -73,6 +93,9 @@ fn main() -> ExitCode {
             }
         },
         Cmd::DemoBackend(opts) => sluice::demo_backend::run(opts),
+        Cmd::Bench(BenchCmd::BareProxy(o)) => bare_proxy::run(o),
+        Cmd::Bench(BenchCmd::Handshakes(o)) => tls_client::handshakes(o),
+        Cmd::Bench(BenchCmd::Idle(o)) => tls_client::idle(o),
         Cmd::GenCert { cert, key, hosts } => gen_cert(&cert, &key, &hosts),
         Cmd::GeoipBuildDemo { out } => {
             if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {

@@ -58,6 +58,10 @@ pub fn run(config_path: &Path) -> Result<(), String> {
 
     let conf = ServerConf {
         threads,
+        // One single-threaded runtime per worker thread, each connection on one of them
+        // (pingora's no-steal mode): no cross-thread wake-ups on the request path. Measured in
+        // benches/results (make bench); SLUICE_WORK_STEALING=1 turns stealing back on.
+        work_stealing: std::env::var_os("SLUICE_WORK_STEALING").is_some_and(|v| v == "1"),
         grace_period_seconds: Some(grace.as_secs() + u64::from(grace.subsec_nanos() > 0)),
         graceful_shutdown_timeout_seconds: Some(1),
         // nothing is ever upgraded in place: keep pingora's files out of shared paths

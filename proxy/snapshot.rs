@@ -31,7 +31,7 @@ pub struct Snapshot {
     pub pools: Vec<PoolRt>,
     pub certs: Arc<CertSet>,
     /// `Strict-Transport-Security` value, `None` when disabled or without TLS.
-    pub hsts: Option<String>,
+    pub hsts: Option<http::HeaderValue>,
     /// `[client_ip] trusted_proxies`.
     pub trusted_proxies: Vec<IpNet>,
     /// `[rate_limit] exempt`.
@@ -192,7 +192,9 @@ impl Snapshot {
                     .collect();
                 (
                     CertSet::new(&entries, t.min_version),
-                    (!t.hsts.is_empty()).then(|| t.hsts.clone()),
+                    http::HeaderValue::from_str(&t.hsts)
+                        .ok()
+                        .filter(|_| !t.hsts.is_empty()),
                 )
             }
             None => (CertSet::default(), None),

@@ -745,9 +745,11 @@ fn upstream_connections_are_kept_alive() {
                 .expect("connection id");
             ids.insert(id);
         }
-        // two worker threads may each hold a pooled connection
+        // Each worker thread runs its own runtime: a request may start on one before the
+        // other has put the previous connection back, so the pool can grow to a few; without
+        // keep-alive it would be 30.
         assert!(
-            ids.len() <= 2,
+            ids.len() <= 5,
             "30 requests used {} upstream connections",
             ids.len()
         );

@@ -520,8 +520,11 @@ impl Builder<'_, '_> {
             };
         }
         if let Some(h) = t.string(self.d, "hsts") {
-            if h.value.chars().any(|c| c.is_control()) {
-                self.d.error(&h.span, "`tls.hsts` must be a header value");
+            if http::HeaderValue::from_str(&h.value).is_err() {
+                self.d.error(
+                    &h.span,
+                    "`tls.hsts` must be a header value (visible ASCII characters)",
+                );
             }
             tls.hsts = h.value;
         }

@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use http::HeaderMap;
 
 use super::Color;
+use crate::config::Sticky;
 
 /// The cookie that carries a client's random id (`sticky = "cookie"`).
 pub const COOKIE: &str = "sluice_client";
@@ -74,6 +75,33 @@ pub fn set_cookie(id: &str, secure: bool) -> String {
         "{COOKIE}={id}; Path=/; Max-Age={COOKIE_MAX_AGE}; HttpOnly; SameSite=Lax{}",
         if secure { "; Secure" } else { "" }
     )
+}
+
+/// The color of a request to a route with green pools, when no override applies: by the
+/// client's bucket (its cookie, its address, or drawn per request) against the green weight.
+/// Also the `Set-Cookie` to send when the client has no id yet.
+pub fn choose(
+    sticky: Sticky,
+    green_weight: u8,
+    headers: &HeaderMap,
+    client_ip: Option<IpAddr>,
+    tls: bool,
+) -> (Color, Option<String>) {
+    match sticky {
+        Sticky::None => (color_of(fastrand::u8(0..100), green_weight), None),
+        Sticky::ClientIp => {
+            let b = client_ip.map_or_else(|| fastrand::u8(0..100), ip_bucket);
+            (color_of(b, green_weight), None)
+        }
+        Sticky::Cookie => match cookie_id(headers) {
+            Some(id) => (color_of(bucket(id.as_bytes()), green_weight), None),
+            None => {
+                let id = new_id();
+                let color = color_of(bucket(id.as_bytes()), green_weight);
+                (color, Some(set_cookie(&id, tls)))
+            }
+        },
+    }
 }
 
 /// The color a request asks for in the override header (`blue`/`green`, any case).

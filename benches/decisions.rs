@@ -1,0 +1,161 @@
+//! The per-request decisions of sluice's request path, each next to a reference measured in
+//! the same run (a `HashMap` lookup): route match, color pick, backend pick, metrics record,
+//! snapshot load. The geo decision and the rate-limit check have their own benches (`geo`,
+//! `limiter`).
+//!
+//! `cargo bench --bench decisions`
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::HeaderMap;
+use sluice::config::Sticky;
+use sluice::health;
+use sluice::metrics::{code_class, Metrics};
+use sluice::snapshot::Snapshot;
+use sluice::traffic::{sticky, Traffic};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const CONFIG: &str = r#"
+[admin]
+listen = "127.0.0.1:1"
+[[listener]]
+listen = "127.0.0.1:2"
+[[pool]]
+name = "blue"
+backends = ["127.0.0.1:10", "127.0.0.1:11", "127.0.0.1:12", "127.0.0.1:13"]
+[[pool]]
+name = "green"
+backends = ["127.0.0.1:20", "127.0.0.1:21"]
+[[pool]]
+name = "api"
+backends = ["127.0.0.1:30"]
+[[route]]
+name = "api"
+hosts = ["*.example.com"]
+path_prefix = "/api"
+blue = ["api"]
+[[route]]
+name = "static"
+hosts = ["shop.example.com"]
+path_prefix = "/static"
+blue = ["api"]
+[[route]]
+name = "shop"
+hosts = ["shop.example.com", "localhost"]
+blue = ["blue"]
+green = ["green"]
+weights = { blue = 90, green = 10 }
+[[route]]
+name = "any"
+hosts = ["*"]
+blue = ["blue"]
+"#;
+
+fn decisions(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config =
+        sluice::config::parse(&dir.path().join("sluice.toml"), CONFIG).expect("bench config");
+    let metrics = Metrics::new().expect("metrics");
+    let health = health::Registry::default();
+    let limits = sluice::rate_limit::Registry::default();
+    let traffic = Traffic::new(
+        None,
+        metrics.route_weight.clone(),
+        metrics.shift_rollbacks.clone(),
+    );
+    traffic.apply_config(&config);
+    let snap = Arc::new(Snapshot::build(
+        config, 1, &metrics, &health, &limits, &traffic,
+    ));
+    let swap = ArcSwap::from(snap.clone());
+    let reference: HashMap<u128, u64> = (0..100_000u128).map(|i| (i, 0)).collect();
+
+    let mut g = c.benchmark_group("request decisions");
+    let mut i = 0usize;
+    g.bench_function("reference: HashMap<u128, u64> lookup", |b| {
+        b.iter(|| {
+            i = (i + 1) % 100_000;
+            black_box(reference.get(&black_box(i as u128)))
+        })
+    });
+    g.bench_function("snapshot load (ArcSwap::load_full)", |b| {
+        b.iter(|| black_box(swap.load_full()))
+    });
+    let requests = [
+        ("shop.example.com", "/static/app.js"),
+        ("shop.example.com", "/cart/42"),
+        ("eu.example.com", "/api/v1/items"),
+        ("other.test", "/"),
+    ];
+    let mut i = 0usize;
+    g.bench_function("route match (4 routes, host + path)", |b| {
+        b.iter(|| {
+            i = (i + 1) % requests.len();
+            let (host, path) = requests[i];
+            black_box(snap.router.route(black_box(host), black_box(path)))
+        })
+    });
+    let mut with_cookie = HeaderMap::new();
+    with_cookie.insert(
+        http::header::COOKIE,
+        format!("theme=dark; {}={}", sticky::COOKIE, sticky::new_id())
+            .parse()
+            .expect("header"),
+    );
+    let ip: IpAddr = "203.0.113.7".parse().expect("ip");
+    g.bench_function("color pick: sticky cookie (known client)", |b| {
+        b.iter(|| {
+            black_box(sticky::choose(
+                Sticky::Cookie,
+                black_box(10),
+                &with_cookie,
+                Some(ip),
+                true,
+            ))
+        })
+    });
+    g.bench_function("color pick: client_ip", |b| {
+        b.iter(|| {
+            black_box(sticky::choose(
+                Sticky::ClientIp,
+                black_box(10),
+                &with_cookie,
+                Some(ip),
+                true,
+            ))
+        })
+    });
+    let empty = HeaderMap::new();
+    g.bench_function(
+        "color pick: sticky cookie (new client: id + Set-Cookie)",
+        |b| b.iter(|| black_box(sticky::choose(Sticky::Cookie, 10, &empty, Some(ip), true))),
+    );
+    let clock = health.clock();
+    let pool = &snap.pools[0];
+    g.bench_function("backend pick (4 backends, smooth WRR + health)", |b| {
+        b.iter(|| black_box(pool.pick(black_box(0), &clock).ok()))
+    });
+    let route = &snap.routes[2];
+    let mut status = 200u16;
+    g.bench_function("metrics record (counter + histogram + color window)", |b| {
+        b.iter(|| {
+            status = if status == 200 { 503 } else { 200 };
+            route.colors[0].requests[0][code_class(status)].inc();
+            route.duration.observe(black_box(0.0012));
+            route
+                .control
+                .record(sluice::traffic::Color::Blue, status >= 500);
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, decisions);
+criterion_main!(benches);

@@ -1,0 +1,457 @@
+#!/usr/bin/env bash
+# `make bench`: sluice side by side with nginx, HAProxy and a bare pingora proxy, on this machine,
+# in one run. Every proxy is pinned to CPU 0 with one worker; the backend (nginx, static answer)
+# and the load generators share CPU 1. A warm-up, then ROUNDS alternating rounds of every
+# scenario; each table cell is the median over the rounds, and each ratio compares a proxy with
+# nginx measured in the same round (the machine is shared and noisy: only same-run ratios mean
+# anything).
+#
+#   1. HTTP/1.1 keep-alive, 64 connections (wrk)
+#   2. TLS 1.3 + HTTP/2 (ALPN), 64 connections x 10 streams (h2load -m 10)
+#   3. new TLS 1.3 connections per second (sluice bench handshakes)
+#   4. RSS with 10,000 idle keep-alive TLS connections (sluice bench idle)
+#   5. sluice with every feature on (rate limit, geo, blue-green 50/50, metrics, access log to a
+#      file) against sluice with them off: rows `sluice` and `sluice-off` of 1 and 2
+#
+# Environment: SLUICE_BIN (default target/release/sluice), BENCH_SECONDS (5), BENCH_ROUNDS (3),
+# BENCH_IDLE (10000), BENCH_OUT (benches/results), BENCH_ONLY (scenarios to run, default
+# "http1 h2tls handshake idle"), SLUICE_BASE_BIN (another sluice build, run with every feature
+# on as row `sluice-base`: to compare a tuning change with what it replaces, in the same run).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+BIN=${SLUICE_BIN:-$ROOT/target/release/sluice}
+SECS=${BENCH_SECONDS:-5}
+ROUNDS=${BENCH_ROUNDS:-3}
+IDLE=${BENCH_IDLE:-10000}
+OUT=${BENCH_OUT:-$ROOT/benches/results}
+CONNS=64
+PROXY_CPU=0
+LOAD_CPU=1
+WORK=$(mktemp -d /tmp/sluice-bench.XXXXXX)
+chmod 755 "$WORK"
+RAW=$WORK/raw.tsv   # scenario proxy round rps p50_ms p99_ms errors
+: >"$RAW"
+
+ONLY=${BENCH_ONLY:-http1 h2tls handshake idle}
+PROXIES=(nginx haproxy bare sluice-off sluice)
+[ -n "${SLUICE_BASE_BIN:-}" ] && PROXIES+=(sluice-base)
+BACKEND=127.0.0.1:18000
+declare -A PLAIN=([nginx]=18001 [haproxy]=18002 [bare]=18003 [sluice-off]=18004 [sluice]=18005 [sluice-base]=18006)
+declare -A TLS=([nginx]=18101 [haproxy]=18102 [bare]=18103 [sluice-off]=18104 [sluice]=18105 [sluice-base]=18106)
+wants() { [[ " $ONLY " == *" $1 "* ]]; }
+declare -A PIDS=()
+
+log() { printf '%s %s\n' "$(date +%T)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+cleanup() {
+	for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+	[ -f "$WORK/backend.pid" ] && kill "$(cat "$WORK/backend.pid")" 2>/dev/null || true
+	[ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
+	wait 2>/dev/null || true
+	[ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+[ -x "$BIN" ] || die "$BIN not built (make bench builds it)"
+for tool in nginx haproxy wrk h2load taskset curl; do
+	command -v "$tool" >/dev/null || die "$tool missing (make bench installs it)"
+done
+[ "$(nproc)" -ge 2 ] || die "needs 2 CPUs (proxy on one, load on the other)"
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+[ "$(ulimit -n)" -gt $((IDLE + 2000)) ] || die "open-files limit $(ulimit -n) is too low for $IDLE idle connections (BENCH_IDLE)"
+for port in 18000 "${PLAIN[@]}" "${TLS[@]}" 18904 18905 18906; do
+	if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then die "port $port is busy"; fi
+done
+
+# ---- certificates and configs -------------------------------------------------------------
+"$BIN" gen-cert --cert "$WORK/cert.pem" --key "$WORK/key.pem" --hosts localhost,127.0.0.1 >/dev/null
+cat "$WORK/cert.pem" "$WORK/key.pem" >"$WORK/haproxy.pem"
+"$BIN" geoip-build-demo --out "$WORK/geo.mmdb" >/dev/null
+
+cat >"$WORK/backend.conf" <<EOF
+worker_processes 1;
+daemon off;
+user root;
+pid $WORK/backend.pid;
+error_log $WORK/backend.err warn;
+events { worker_connections 20000; }
+http {
+    access_log off;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    server {
+        listen $BACKEND reuseport backlog=4096;
+        location / { return 200 "hello from the backend\n"; }
+    }
+}
+EOF
+
+cat >"$WORK/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+user root;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx.err warn;
+worker_rlimit_nofile 19000;
+events { worker_connections 15000; }
+http {
+    access_log off;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    upstream backend { server $BACKEND; keepalive 128; }
+    server {
+        listen 127.0.0.1:${PLAIN[nginx]} backlog=4096;
+        listen 127.0.0.1:${TLS[nginx]} ssl http2 backlog=4096;
+        ssl_certificate $WORK/cert.pem;
+        ssl_certificate_key $WORK/key.pem;
+        ssl_protocols TLSv1.3;
+        ssl_session_tickets off;
+        http2_max_concurrent_streams 128;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+
+cat >"$WORK/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn 10100
+    # FD limit above the hard limit some sandboxes set (20000): warn, do not refuse to start
+    no strict-limits
+    ssl-default-bind-options ssl-min-ver TLSv1.3 no-tls-tickets
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+    timeout http-keep-alive 300s
+    option http-keep-alive
+    http-reuse always
+frontend front
+    bind 127.0.0.1:${PLAIN[haproxy]}
+    bind 127.0.0.1:${TLS[haproxy]} ssl crt $WORK/haproxy.pem alpn h2,http/1.1
+    default_backend back
+backend back
+    server s1 $BACKEND
+EOF
+
+sluice_config() { # name plain tls admin features(on|off)
+	local pools routes extra access
+	if [ "$5" = on ]; then
+		access="$WORK/$1-access.log"
+		extra=$(
+			cat <<EOF
+[rate_limit]
+requests = 1000000000
+per = "1m"
+
+[geoip]
+database = "$WORK/geo.mmdb"
+
+[[region]]
+name = "eu-west"
+location = [53.34, -6.27]
+
+[[region]]
+name = "us-east"
+location = [39.04, -77.49]
+EOF
+		)
+		pools=$(
+			cat <<EOF
+[[pool]]
+name = "blue-eu"
+region = "eu-west"
+backends = ["$BACKEND"]
+
+[[pool]]
+name = "blue-us"
+region = "us-east"
+backends = ["$BACKEND"]
+
+[[pool]]
+name = "green-eu"
+region = "eu-west"
+backends = ["$BACKEND"]
+
+[[pool]]
+name = "green-us"
+region = "us-east"
+backends = ["$BACKEND"]
+EOF
+		)
+		routes='blue = ["blue-eu", "blue-us"]
+green = ["green-eu", "green-us"]
+weights = { blue = 50, green = 50 }
+sticky = "none"'
+	else
+		access=off
+		extra=""
+		pools="[[pool]]
+name = \"blue\"
+backends = [\"$BACKEND\"]"
+		routes='blue = ["blue"]'
+	fi
+	cat >"$WORK/$1.toml" <<EOF
+[server]
+threads = 1
+grace_period = "1s"
+drain_delay = "0s"
+access_log = "$access"
+
+[admin]
+listen = "127.0.0.1:$4"
+
+[tls]
+min_version = "1.3"
+
+[[tls.cert]]
+hosts = ["localhost"]
+cert = "$WORK/cert.pem"
+key = "$WORK/key.pem"
+
+[[listener]]
+listen = "127.0.0.1:$2"
+http2 = false
+
+[[listener]]
+listen = "127.0.0.1:$3"
+tls = true
+http2 = true
+
+$extra
+
+$pools
+
+[[route]]
+name = "all"
+hosts = ["*"]
+$routes
+EOF
+}
+sluice_config sluice-off "${PLAIN[sluice-off]}" "${TLS[sluice-off]}" 18904 off
+sluice_config sluice "${PLAIN[sluice]}" "${TLS[sluice]}" 18905 on
+sluice_config sluice-base "${PLAIN[sluice-base]}" "${TLS[sluice-base]}" 18906 on
+
+# ---- start everything ----------------------------------------------------------------------
+start() { # name command...
+	local name=$1
+	shift
+	"$@" >"$WORK/$name.out" 2>"$WORK/$name.err" &
+	PIDS[$name]=$!
+}
+wait_port() {
+	for _ in $(seq 1 200); do
+		(exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+		sleep 0.05
+	done
+	die "nothing listens on $1: $(tail -5 "$WORK"/*.err 2>/dev/null)"
+}
+
+export RUST_LOG=warn
+taskset -c $LOAD_CPU nginx -p "$WORK" -e "$WORK/backend.err" -c "$WORK/backend.conf" 2>"$WORK/backend.start.err" &
+start nginx taskset -c $PROXY_CPU nginx -p "$WORK" -e "$WORK/nginx.err" -c "$WORK/nginx.conf"
+start haproxy taskset -c $PROXY_CPU haproxy -f "$WORK/haproxy.cfg"
+start bare taskset -c $PROXY_CPU "$BIN" bench bare-proxy --listen "127.0.0.1:${PLAIN[bare]}" \
+	--tls-listen "127.0.0.1:${TLS[bare]}" --cert "$WORK/cert.pem" --key "$WORK/key.pem" \
+	--upstream $BACKEND --threads 1
+start sluice-off taskset -c $PROXY_CPU "$BIN" run -c "$WORK/sluice-off.toml"
+start sluice taskset -c $PROXY_CPU "$BIN" run -c "$WORK/sluice.toml"
+[ -n "${SLUICE_BASE_BIN:-}" ] && start sluice-base taskset -c $PROXY_CPU "$SLUICE_BASE_BIN" run -c "$WORK/sluice-base.toml"
+wait_port 18000
+for p in "${PROXIES[@]}"; do
+	wait_port "${PLAIN[$p]}"
+	wait_port "${TLS[$p]}"
+	# every proxy answers 200 before anything is measured
+	code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:${PLAIN[$p]}/" 2>/dev/null || echo 000)
+	[ "$code" = 200 ] || die "$p answered $code"
+done
+
+# RSS in KiB of a proxy's process and its children (nginx: master and worker).
+rss() {
+	local total=0 pid
+	for pid in "$1" $(pgrep -P "$1"); do
+		[ -r "/proc/$pid/status" ] || continue
+		total=$((total + $(awk '/^VmRSS/ {print $2}' "/proc/$pid/status")))
+	done
+	echo $total
+}
+
+# ---- measurements ----------------------------------------------------------------------------
+to_ms() { # wrk's "1.23ms" / "850.00us" / "1.02s"
+	awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n += 0; else if (v ~ /s$/) n *= 1000; printf "%.3f", n }'
+}
+
+run_wrk() { # proxy round
+	local f="$WORK/wrk-$1-$2.txt"
+	taskset -c $LOAD_CPU wrk -t1 -c$CONNS -d"${SECS}s" --latency "http://127.0.0.1:${PLAIN[$1]}/" >"$f"
+	local rps p50 p99 non2xx sock
+	rps=$(awk '/^Requests\/sec/ {print $2}' "$f")
+	p50=$(to_ms "$(awk '$1 == "50%" {print $2}' "$f")")
+	p99=$(to_ms "$(awk '$1 == "99%" {print $2}' "$f")")
+	non2xx=$(awk '/Non-2xx/ {print $NF}' "$f")
+	sock=$(awk '/Socket errors/ {gsub(",", ""); print $4 + $6 + $8 + $10}' "$f")
+	printf 'http1\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$rps" "$p50" "$p99" $((${non2xx:-0} + ${sock:-0})) >>"$RAW"
+}
+
+run_h2load() { # proxy round
+	local f="$WORK/h2load-$1-$2.txt" lat="$WORK/h2load-$1-$2.lat"
+	taskset -c $LOAD_CPU h2load -t1 -c$CONNS -m10 -D "$SECS" --warm-up-time=1 \
+		--log-file="$lat" "https://127.0.0.1:${TLS[$1]}/" >"$f" 2>&1 || true
+	grep -q 'Application protocol: h2' "$f" || die "$1 did not negotiate h2: $(cat "$f")"
+	grep -q 'TLSv1.3' "$f" || die "$1 did not negotiate TLS 1.3"
+	local rps failed errored non2xx p50 p99
+	rps=$(awk '/^finished in/ {gsub(",", ""); print $4}' "$f")
+	failed=$(awk '/^requests:/ {print $10 + $12 + $14}' "$f")
+	non2xx=$(awk '/^status codes:/ {gsub(",", ""); print $5 + $7 + $9}' "$f")
+	# latency in microseconds is the third column of the log
+	read -r p50 p99 < <(cut -f3 "$lat" | sort -n | awk '{ v[NR] = $1 } END {
+		if (NR == 0) { print "0 0"; exit }
+		printf "%.3f %.3f\n", v[int(NR * 0.5) + 1] / 1000, v[int(NR * 0.99) + 1] / 1000 }')
+	printf 'h2tls\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$rps" "$p50" "$p99" $((${failed:-0} + ${non2xx:-0})) >>"$RAW"
+}
+
+run_handshakes() { # proxy round
+	local j
+	j=$(taskset -c $LOAD_CPU "$BIN" bench handshakes --target "127.0.0.1:${TLS[$1]}" --seconds "$SECS" --concurrency 32)
+	printf 'handshake\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" \
+		"$(sed -E 's/.*"per_sec": ([0-9.]+).*/\1/' <<<"$j")" \
+		"$(sed -E 's/.*"p50_ms": ([0-9.]+).*/\1/' <<<"$j")" \
+		"$(sed -E 's/.*"p99_ms": ([0-9.]+).*/\1/' <<<"$j")" \
+		"$(sed -E 's/.*"errors": ([0-9]+).*/\1/' <<<"$j")" >>"$RAW"
+}
+
+run_idle() { # proxy round
+	local before after fifo="$WORK/idle-$1-$2.in" out="$WORK/idle-$1-$2.out" ready
+	before=$(rss "${PIDS[$1]}")
+	mkfifo "$fifo"
+	taskset -c $LOAD_CPU "$BIN" bench idle --target "127.0.0.1:${TLS[$1]}" --connections "$IDLE" <"$fifo" >"$out" 2>&1 &
+	local client=$!
+	exec 4>"$fifo"
+	for _ in $(seq 1 1200); do
+		grep -q '^ready' "$out" 2>/dev/null && break
+		sleep 0.1
+	done
+	sleep 1
+	after=$(rss "${PIDS[$1]}")
+	ready=$(awk '/^ready/ {print $2, $4}' "$out")
+	exec 4>&-
+	wait $client || true
+	rm -f "$fifo"
+	local opened errors
+	read -r opened errors <<<"${ready:-0 $IDLE}"
+	# rps column: MiB with the connections open; p50: KiB per connection; p99: MiB before
+	printf 'idle\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" \
+		"$(awk -v a="$after" 'BEGIN {printf "%.1f", a / 1024}')" \
+		"$(awk -v a="$after" -v b="$before" -v n="$opened" 'BEGIN {printf "%.1f", n ? (a - b) / n : 0}')" \
+		"$(awk -v b="$before" 'BEGIN {printf "%.1f", b / 1024}')" \
+		$((errors + IDLE - opened)) >>"$RAW"
+	sleep 2 # let the proxy close them before the next one
+}
+
+log "warm-up"
+for p in "${PROXIES[@]}"; do
+	taskset -c $LOAD_CPU wrk -t1 -c$CONNS -d2s "http://127.0.0.1:${PLAIN[$p]}/" >/dev/null
+	taskset -c $LOAD_CPU h2load -t1 -c$CONNS -m10 -D 1 "https://127.0.0.1:${TLS[$p]}/" >/dev/null 2>&1 || true
+done
+for r in $(seq 1 "$ROUNDS"); do
+	log "round $r/$ROUNDS"
+	if wants http1; then for p in "${PROXIES[@]}"; do run_wrk "$p" "$r"; done; fi
+	if wants h2tls; then for p in "${PROXIES[@]}"; do run_h2load "$p" "$r"; done; fi
+	if wants handshake; then for p in nginx haproxy sluice; do run_handshakes "$p" "$r"; done; fi
+done
+if wants idle; then
+	log "idle connections"
+	for p in nginx haproxy bare sluice; do run_idle "$p" 1; done
+fi
+for p in "${PROXIES[@]}"; do
+	kill -0 "${PIDS[$p]}" 2>/dev/null || die "$p died during the run: $(tail -5 "$WORK/$p.err")"
+done
+
+# ---- the table -------------------------------------------------------------------------------
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)]; else print 0 }'; }
+col() { # scenario proxy column -> values, one per round
+	awk -F'\t' -v s="$1" -v p="$2" -v c="$3" '$1 == s && $2 == p {print $c}' "$RAW"
+}
+ratio() { # scenario proxy -> median over rounds of rps / nginx's rps in the same round
+	awk -F'\t' -v s="$1" -v p="$2" '$1 == s && $2 == "nginx" {n[$3] = $4} $1 == s && $2 == p {v[$3] = $4}
+		END { for (r in v) if (n[r] > 0) printf "%.3f\n", v[r] / n[r] }' "$RAW" | median
+}
+vs() { # scenario proxy reference -> median of per-round ratios
+	awk -F'\t' -v s="$1" -v p="$2" -v q="$3" '$1 == s && $2 == q {n[$3] = $4} $1 == s && $2 == p {v[$3] = $4}
+		END { for (r in v) if (n[r] > 0) printf "%.3f\n", v[r] / n[r] }' "$RAW" | median
+}
+errors() { col "$1" "$2" 7 | awk '{ s += $1 } END { print s + 0 }'; }
+
+mkdir -p "$OUT"
+stamp=$(date -u +%Y-%m-%d)
+report="$OUT/$stamp.md"
+cpu=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
+{
+	echo "# sluice load benchmark, $stamp"
+	echo
+	echo "Machine: $(nproc) CPUs ($cpu), $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), Linux $(uname -r)."
+	echo "Versions: $("$BIN" --version), $(nginx -v 2>&1 | sed 's/.*: //'), HAProxy $(haproxy -v | awk 'NR == 1 {print $3}'), wrk $(wrk -v 2>&1 | awk 'NR == 1 {print $2}'), h2load $(h2load --version | awk '{print $NF}')."
+	echo "Each proxy: one worker pinned to CPU $PROXY_CPU; backend (nginx, static 23-byte answer) and load generator on CPU $LOAD_CPU."
+	echo "$CONNS connections; ${SECS} s per measurement; $ROUNDS alternating rounds after a warm-up; medians over rounds;"
+	echo "ratios against nginx (or the named reference) measured in the same round."
+	echo
+	echo "## 1. HTTP/1.1 keep-alive (wrk) and 2. TLS 1.3 + HTTP/2, 10 streams per connection (h2load)"
+	echo
+	echo "| proxy | h1 req/s | h1 p50 ms | h1 p99 ms | h1 errors | h1 vs nginx | h2 req/s | h2 p50 ms | h2 p99 ms | h2 errors | h2 vs nginx |"
+	echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+	for p in "${PROXIES[@]}"; do
+		printf '| %s | %.0f | %s | %s | %s | %s | %.0f | %s | %s | %s | %s |\n' "$p" \
+			"$(col http1 "$p" 4 | median)" "$(col http1 "$p" 5 | median)" "$(col http1 "$p" 6 | median)" \
+			"$(errors http1 "$p")" "$(ratio http1 "$p")" \
+			"$(col h2tls "$p" 4 | median)" "$(col h2tls "$p" 5 | median)" "$(col h2tls "$p" 6 | median)" \
+			"$(errors h2tls "$p")" "$(ratio h2tls "$p")"
+	done
+	echo
+	echo "\`sluice\` has every feature on (rate limit with a high quota, geo-routing over 2 regions,"
+	echo "blue-green 50/50, metrics, JSON access log to a file); \`sluice-off\` has them off; \`bare\` is"
+	echo "pingora alone (\`sluice bench bare-proxy\`, same build and allocator)."
+	echo
+	echo "| ratio (same round) | HTTP/1.1 | TLS h2 |"
+	echo "| --- | ---: | ---: |"
+	echo "| sluice (all on) / bare pingora | $(vs http1 sluice bare) | $(vs h2tls sluice bare) |"
+	echo "| sluice (all on) / sluice (off) | $(vs http1 sluice sluice-off) | $(vs h2tls sluice sluice-off) |"
+	echo "| sluice (off) / bare pingora | $(vs http1 sluice-off bare) | $(vs h2tls sluice-off bare) |"
+	if [ -n "${SLUICE_BASE_BIN:-}" ]; then
+		echo "| sluice (all on) / sluice-base (all on, $SLUICE_BASE_BIN) | $(vs http1 sluice sluice-base) | $(vs h2tls sluice sluice-base) |"
+	fi
+	echo
+	echo "## 3. New TLS 1.3 connections (full handshake, one request, close; 32 in flight)"
+	echo
+	echo "| proxy | handshakes/s | p50 ms | p99 ms | errors | vs nginx |"
+	echo "| --- | ---: | ---: | ---: | ---: | ---: |"
+	for p in nginx haproxy sluice; do
+		printf '| %s | %.0f | %s | %s | %s | %s |\n' "$p" "$(col handshake "$p" 4 | median)" \
+			"$(col handshake "$p" 5 | median)" "$(col handshake "$p" 6 | median)" \
+			"$(errors handshake "$p")" "$(ratio handshake "$p")"
+	done
+	echo
+	echo "## 4. Memory with $IDLE idle keep-alive TLS connections"
+	echo
+	echo "| proxy | RSS before MiB | RSS with connections MiB | KiB per connection | errors |"
+	echo "| --- | ---: | ---: | ---: | ---: |"
+	for p in nginx haproxy bare sluice; do
+		printf '| %s | %s | %s | %s | %s |\n' "$p" "$(col idle "$p" 6 | median)" \
+			"$(col idle "$p" 4 | median)" "$(col idle "$p" 5 | median)" "$(errors idle "$p")"
+	done
+	echo
+	echo "Raw measurements (scenario, proxy, round, req/s, p50 ms, p99 ms, errors):"
+	echo
+	echo '```'
+	cat "$RAW"
+	echo '```'
+} >"$report"
+cp "$report" "$OUT/latest.md"
+cat "$report"
+log "written to $report"
