@@ -469,12 +469,20 @@ impl ProxyHttp for Gateway {
             "x-forwarded-proto",
             HeaderValue::from_static(if ctx.tls { "https" } else { "http" }),
         )?;
-        let host = request_host(session.req_header()).to_string();
-        if !host.is_empty() {
-            upstream.insert_header("x-forwarded-host", host.as_str())?;
-            if upstream.headers.get("host").is_none() {
-                upstream.insert_header("host", host.as_str())?;
+        // the client's Host header as it came (a shared copy), or the h2 :authority
+        let req = session.req_header();
+        let host = match req.headers.get(http::header::HOST) {
+            Some(h) => Some(h.clone()),
+            None => req
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        };
+        if let Some(host) = host.filter(|h| !h.is_empty()) {
+            if upstream.headers.get(http::header::HOST).is_none() {
+                upstream.insert_header(http::header::HOST, host.clone())?;
             }
+            upstream.insert_header("x-forwarded-host", host)?;
         }
         upstream.insert_header("x-request-id", ctx.request_id.clone())?;
         Ok(())

@@ -10,12 +10,14 @@
 #   2. TLS 1.3 + HTTP/2 (ALPN), 64 connections x 10 streams (h2load -m 10)
 #   3. new TLS 1.3 connections per second (sluice bench handshakes)
 #   4. RSS with 10,000 idle keep-alive TLS connections (sluice bench idle)
-#   5. sluice with every feature on (rate limit, geo, blue-green 50/50, metrics, access log to a
-#      file) against sluice with them off: rows `sluice` and `sluice-off` of 1 and 2
+#   5. latency at the same fixed load for everyone: HTTP/1.1, BENCH_RATE requests/s spread over
+#      64 connections (h2load --h1 --rps), p50 / p99
+#   6. sluice with every feature on (rate limit, geo, blue-green 50/50, metrics, access log to a
+#      file) against sluice with them off: rows `sluice` and `sluice-off` of 1, 2 and 5
 #
 # Environment: SLUICE_BIN (default target/release/sluice), BENCH_SECONDS (5), BENCH_ROUNDS (3),
-# BENCH_IDLE (10000), BENCH_OUT (benches/results), BENCH_ONLY (scenarios to run, default
-# "http1 h2tls handshake idle"), SLUICE_BASE_BIN (another sluice build, run with every feature
+# BENCH_IDLE (10000), BENCH_RATE (3200), BENCH_OUT (benches/results), BENCH_ONLY (scenarios to
+# run, default "http1 h2tls fixed handshake idle"), SLUICE_BASE_BIN (another sluice build, run with every feature
 # on as row `sluice-base`: to compare a tuning change with what it replaces, in the same run).
 set -euo pipefail
 
@@ -33,7 +35,8 @@ chmod 755 "$WORK"
 RAW=$WORK/raw.tsv   # scenario proxy round rps p50_ms p99_ms errors
 : >"$RAW"
 
-ONLY=${BENCH_ONLY:-http1 h2tls handshake idle}
+ONLY=${BENCH_ONLY:-http1 h2tls fixed handshake idle}
+RATE=${BENCH_RATE:-3200}
 PROXIES=(nginx haproxy bare sluice-off sluice)
 [ -n "${SLUICE_BASE_BIN:-}" ] && PROXIES+=(sluice-base)
 BACKEND=127.0.0.1:18000
@@ -317,6 +320,20 @@ run_h2load() { # proxy round
 	printf 'h2tls\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$rps" "$p50" "$p99" $((${failed:-0} + ${non2xx:-0})) >>"$RAW"
 }
 
+run_fixed() { # proxy round
+	local f="$WORK/fixed-$1-$2.txt" lat="$WORK/fixed-$1-$2.lat"
+	taskset -c $LOAD_CPU h2load --h1 -t1 -c$CONNS --rps=$((RATE / CONNS)) -D "$SECS" --warm-up-time=1 \
+		--log-file="$lat" "http://127.0.0.1:${PLAIN[$1]}/" >"$f" 2>&1 || true
+	local rps failed non2xx p50 p99
+	rps=$(awk '/^finished in/ {gsub(",", ""); print $4}' "$f")
+	failed=$(awk '/^requests:/ {print $10 + $12 + $14}' "$f")
+	non2xx=$(awk '/^status codes:/ {gsub(",", ""); print $5 + $7 + $9}' "$f")
+	read -r p50 p99 < <(cut -f3 "$lat" | sort -n | awk '{ v[NR] = $1 } END {
+		if (NR == 0) { print "0 0"; exit }
+		printf "%.3f %.3f\n", v[int(NR * 0.5) + 1] / 1000, v[int(NR * 0.99) + 1] / 1000 }')
+	printf 'fixed\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$rps" "$p50" "$p99" $((${failed:-0} + ${non2xx:-0})) >>"$RAW"
+}
+
 run_handshakes() { # proxy round
 	local j
 	j=$(taskset -c $LOAD_CPU "$BIN" bench handshakes --target "127.0.0.1:${TLS[$1]}" --seconds "$SECS" --concurrency 32)
@@ -364,6 +381,7 @@ for r in $(seq 1 "$ROUNDS"); do
 	log "round $r/$ROUNDS"
 	if wants http1; then for p in "${PROXIES[@]}"; do run_wrk "$p" "$r"; done; fi
 	if wants h2tls; then for p in "${PROXIES[@]}"; do run_h2load "$p" "$r"; done; fi
+	if wants fixed; then for p in "${PROXIES[@]}"; do run_fixed "$p" "$r"; done; fi
 	if wants handshake; then for p in nginx haproxy sluice; do run_handshakes "$p" "$r"; done; fi
 done
 if wants idle; then
@@ -426,6 +444,17 @@ cpu=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
 	if [ -n "${SLUICE_BASE_BIN:-}" ]; then
 		echo "| sluice (all on) / sluice-base (all on, $SLUICE_BASE_BIN) | $(vs http1 sluice sluice-base) | $(vs h2tls sluice sluice-base) |"
 	fi
+	echo
+	echo "## Latency at the same load: $RATE requests/s of HTTP/1.1 over $CONNS connections"
+	echo
+	echo "| proxy | req/s served | p50 ms | p99 ms | errors | p99 / nginx p99 |"
+	echo "| --- | ---: | ---: | ---: | ---: | ---: |"
+	for p in "${PROXIES[@]}"; do
+		printf '| %s | %.0f | %s | %s | %s | %s |\n' "$p" "$(col fixed "$p" 4 | median)" \
+			"$(col fixed "$p" 5 | median)" "$(col fixed "$p" 6 | median)" "$(errors fixed "$p")" \
+			"$(awk -F'\t' -v p="$p" '$1 == "fixed" && $2 == "nginx" {n[$3] = $6} $1 == "fixed" && $2 == p {v[$3] = $6}
+				END { for (r in v) if (n[r] > 0) printf "%.3f\n", v[r] / n[r] }' "$RAW" | median)"
+	done
 	echo
 	echo "## 3. New TLS 1.3 connections (full handshake, one request, close; 32 in flight)"
 	echo
