@@ -7,7 +7,7 @@ TARGET_DIR := target/$(if $(filter dev,$(PROFILE)),debug,$(PROFILE))
 BIN := $(TARGET_DIR)/sluice
 CONFIG ?= config/sluice.toml
 
-.PHONY: run test deps build check-config bench bench-deps bench-micro fmt lint clean
+.PHONY: run test test-deps deps build check-config bench bench-deps bench-micro image fmt lint clean
 
 # Install what the build needs when it is missing (cmake for pingora's zlib-ng).
 deps:
@@ -47,8 +47,23 @@ run: build
 	trap 'kill -TERM $${pids[3]} 2>/dev/null; wait $${pids[3]} 2>/dev/null; kill $${pids[@]} 2>/dev/null; wait 2>/dev/null' INT TERM EXIT; \
 	wait $${pids[3]}
 
-test: deps
+# kubectl renders deploy/ in tests/deploy.rs (skipped without it): installed when apt has it.
+test-deps:
+	@if ! command -v kubectl >/dev/null && command -v apt-get >/dev/null; then \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
+	  echo "installing kubectl (for tests/deploy.rs)"; \
+	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq kubectl >/dev/null; } 2>/dev/null \
+	    || echo "note: kubectl is not installable here; tests/deploy.rs will skip"; \
+	fi
+
+test: deps test-deps
 	$(CARGO) test --all-targets
+	@command -v kubectl >/dev/null || echo "note: tests/deploy.rs was SKIPPED (no kubectl)"
+	@docker info >/dev/null 2>&1 || echo "note: tests/container.rs was SKIPPED (no Docker daemon)"
+
+# The container image (multi-stage Dockerfile; needs its base images from a registry).
+image:
+	docker build -t sluice:$$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1) -t sluice:latest .
 
 # The load tools `make bench` compares sluice with (Debian packages).
 bench-deps: deps

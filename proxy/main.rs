@@ -44,6 +44,13 @@ enum Cmd {
         #[arg(long, default_value = "geoip/demo-city.mmdb")]
         out: PathBuf,
     },
+    /// GET http://ADDR/PATH; exit 0 on a 200 answer (a container HEALTHCHECK without a shell).
+    Probe {
+        #[arg(default_value = "127.0.0.1:9900")]
+        addr: std::net::SocketAddr,
+        #[arg(default_value = "/healthz")]
+        path: String,
+    },
     /// Benchmark tools used by `make bench` (benches/load/run.sh).
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -93,6 +100,7 @@ fn main() -> ExitCode {
             }
         },
         Cmd::DemoBackend(opts) => sluice::demo_backend::run(opts),
+        Cmd::Probe { addr, path } => probe(addr, &path),
         Cmd::Bench(BenchCmd::BareProxy(o)) => bare_proxy::run(o),
         Cmd::Bench(BenchCmd::Handshakes(o)) => tls_client::handshakes(o),
         Cmd::Bench(BenchCmd::Idle(o)) => tls_client::idle(o),
@@ -112,6 +120,28 @@ fn main() -> ExitCode {
             eprintln!("sluice: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+fn probe(addr: std::net::SocketAddr, path: &str) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let t = std::time::Duration::from_secs(2);
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr, t).map_err(|e| format!("{addr}: {e}"))?;
+    let _ = s.set_read_timeout(Some(t));
+    let _ = s.set_write_timeout(Some(t));
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("{addr}: {e}"))?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head)
+        .map_err(|e| format!("{addr}: {e}"))?;
+    if head.starts_with(b"HTTP/1.1 200") {
+        Ok(())
+    } else {
+        Err(format!("{addr}{path}: {}", String::from_utf8_lossy(&head)))
     }
 }
 

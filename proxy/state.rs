@@ -65,6 +65,7 @@ impl Shared {
         metrics.config_generation.set(1);
         metrics.config_last_reload_success.set(1);
         metrics.config_reloads.with_label_values(&["ok"]).inc();
+        metrics.config_reloads.with_label_values(&["error"]);
         Ok(Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics,

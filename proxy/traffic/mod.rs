@@ -436,6 +436,8 @@ impl Traffic {
                 }
                 i.has_green = has_green;
                 i.rollback = r.rollback;
+                // exported from the start (0), so dashboards and alerts see the series
+                self.rollbacks.with_label_values(&[&r.name]);
                 for w in &ctl.windows {
                     w.set_window(window);
                 }
@@ -445,6 +447,7 @@ impl Traffic {
         }
         for (name, ctl) in old {
             changed |= ctl.lock().saved().is_some();
+            let _ = self.rollbacks.remove_label_values(&[&name]);
             for c in ["blue", "green"] {
                 let _ = self.route_weight.remove_label_values(&[&name, c]);
             }
