@@ -134,12 +134,19 @@ CMD ["run", "-c", "/etc/sluice/sluice.toml"]
             String::from_utf8_lossy(&logs.stderr)
         );
     }
+    // the image's HEALTHCHECK (`sluice probe` against /healthz, every 2 s) reports healthy
+    let healthy = wait_until(Duration::from_secs(20), || {
+        docker(&["inspect", "--format", "{{.State.Health.Status}}", &id])
+            .stdout
+            .starts_with(b"healthy")
+    });
     let user = docker_ok(&["inspect", "--format", "{{.Config.User}}", &id]);
     let t = Instant::now();
     docker_ok(&["stop", "-t", "20", &id]);
     let stopped_in = t.elapsed();
     let code = docker_ok(&["inspect", "--format", "{{.State.ExitCode}}", &id]);
     cleanup();
+    assert!(healthy, "the HEALTHCHECK never reported healthy");
     assert_eq!(user, "65532:65532");
     assert_eq!(code, "0", "sluice did not exit cleanly on SIGTERM");
     // drain 1 s + nothing in flight: well before the 20 s after which docker kills
