@@ -18,7 +18,7 @@ use serde::Serialize;
 use crate::client_ip;
 use crate::geo;
 use crate::metrics::code_class;
-use crate::router::normalize_host;
+use crate::router::Host;
 use crate::snapshot::{NoBackend, PoolRt, RouteRt, Snapshot};
 use crate::state::{InflightGuard, Shared};
 use crate::traffic::{sticky, Color};
@@ -49,7 +49,8 @@ pub struct Ctx {
     /// The request id: the client's if it sent a sane one, else a new one. Built once as a
     /// header value, shared by the upstream request, the response and the access log.
     request_id: HeaderValue,
-    host: String,
+    /// The normalized host (inline: no allocation).
+    host: Host,
     /// The request arrived over TLS.
     tls: bool,
     /// Seconds for `Retry-After` when every backend is down.
@@ -214,7 +215,7 @@ impl ProxyHttp for Gateway {
             failed: 0,
             retries: 0,
             request_id: HeaderValue::from_static(""),
-            host: String::new(),
+            host: Host::empty(),
             tls: false,
             retry_after: None,
             client_ip: None,
@@ -231,7 +232,7 @@ impl ProxyHttp for Gateway {
         ctx.snap = Some(snap.clone());
         let req = session.req_header();
         ctx.request_id = request_id(req);
-        ctx.host = normalize_host(request_host(req));
+        ctx.host = Host::new(request_host(req));
         let digest = session.digest();
         ctx.tls = digest.is_some_and(|d| d.ssl_digest.is_some());
         let local = digest
@@ -245,11 +246,11 @@ impl ProxyHttp for Gateway {
 
         if let Some(port) = redirect {
             let authority = if port == 443 {
-                ctx.host.clone()
-            } else if ctx.host.contains(':') {
-                format!("[{}]:{port}", ctx.host)
+                ctx.host.as_str().to_string()
+            } else if ctx.host.as_str().contains(':') {
+                format!("[{}]:{port}", ctx.host.as_str())
             } else {
-                format!("{}:{port}", ctx.host)
+                format!("{}:{port}", ctx.host.as_str())
             };
             let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
             let location = format!("https://{authority}{path}");
@@ -274,7 +275,7 @@ impl ProxyHttp for Gateway {
             client_ip::resolve(peer, xff, &snap.trusted_proxies)
         });
         let path = session.req_header().uri.path();
-        match snap.router.route(&ctx.host, path) {
+        match snap.router.route(ctx.host.as_str(), path) {
             Some(r) => {
                 ctx.route = Some(r);
                 let route = &snap.routes[r];
@@ -582,7 +583,7 @@ impl ProxyHttp for Gateway {
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             client: ctx.client_ip,
             method: req.method.as_str(),
-            host: &ctx.host,
+            host: ctx.host.as_str(),
             path: req.uri.path(),
             protocol: if session.is_http2() {
                 "HTTP/2"

@@ -80,14 +80,56 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 
 /// Lower-cases a Host / :authority value and strips the port and a trailing dot.
 pub fn normalize_host(raw: &str) -> String {
-    let host = if raw.starts_with('[') {
-        raw.split_once(']')
-            .map_or(raw, |(h, _)| h)
-            .trim_start_matches('[')
-    } else {
-        raw.rsplit_once(':').map_or(raw, |(h, _)| h)
-    };
-    host.trim_end_matches('.').to_ascii_lowercase()
+    Host::new(raw).as_str().to_string()
+}
+
+/// The host part of a Host / :authority value, as `normalize_host` makes it, kept inline: no
+/// heap allocation per request for names up to 255 bytes (every DNS name).
+pub struct Host {
+    inline: [u8; 255],
+    len: u8,
+    /// Longer values (not host names, but they must still route and log).
+    long: Option<String>,
+}
+
+impl Host {
+    pub fn new(raw: &str) -> Host {
+        let host = if raw.starts_with('[') {
+            raw.split_once(']')
+                .map_or(raw, |(h, _)| h)
+                .trim_start_matches('[')
+        } else {
+            raw.rsplit_once(':').map_or(raw, |(h, _)| h)
+        };
+        let host = host.trim_end_matches('.');
+        let mut h = Host {
+            inline: [0; 255],
+            len: 0,
+            long: None,
+        };
+        match u8::try_from(host.len()) {
+            Ok(len) if len < u8::MAX => {
+                for (d, s) in h.inline.iter_mut().zip(host.bytes()) {
+                    *d = s.to_ascii_lowercase();
+                }
+                h.len = len;
+            }
+            _ => h.long = Some(host.to_ascii_lowercase()),
+        }
+        h
+    }
+
+    pub fn empty() -> Host {
+        Host::new("")
+    }
+
+    pub fn as_str(&self) -> &str {
+        match &self.long {
+            Some(s) => s,
+            // ASCII lower-casing of a str keeps it UTF-8
+            None => std::str::from_utf8(&self.inline[..usize::from(self.len)]).unwrap_or(""),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -128,5 +170,9 @@ mod tests {
         assert_eq!(normalize_host("shop.example.com."), "shop.example.com");
         assert_eq!(normalize_host("[::1]:8080"), "::1");
         assert_eq!(normalize_host("localhost"), "localhost");
+        assert_eq!(normalize_host("Bücher.Example:1"), "bücher.example");
+        let long = format!("{}.test", "a".repeat(300));
+        assert_eq!(normalize_host(&long.to_uppercase()), long);
+        assert_eq!(normalize_host(""), "");
     }
 }
