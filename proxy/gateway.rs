@@ -19,7 +19,7 @@ use crate::client_ip;
 use crate::geo;
 use crate::metrics::code_class;
 use crate::router::Host;
-use crate::snapshot::{NoBackend, PoolRt, RouteRt, Snapshot};
+use crate::snapshot::{ColorRt, NoBackend, PoolRt, RouteRt, Snapshot};
 use crate::state::{InflightGuard, Shared};
 use crate::traffic::{sticky, Color};
 
@@ -118,24 +118,21 @@ impl Ctx {
         Some(&self.snap.as_deref()?.routes[self.route?])
     }
 
+    /// The pools of the color serving this request.
+    fn color_rt(&self) -> Option<&ColorRt> {
+        Some(&self.route()?.colors[self.color.index()])
+    }
+
     /// The pool serving this request (chosen by `upstream_peer`).
     fn pool(&self) -> Option<&PoolRt> {
-        let snap = self.snap.as_deref()?;
-        let route = &snap.routes[self.route?];
-        route.colors[self.color.index()]
-            .pools
-            .get(self.pool_slot)
-            .map(|p| &snap.pools[*p])
+        let p = self.color_rt()?.pools.get(self.pool_slot)?;
+        Some(&self.snap.as_deref()?.pools[*p])
     }
 
     /// The region name of the pool serving this request ("" without one).
     fn region(&self) -> Option<&str> {
-        let snap = self.snap.as_deref()?;
-        let route = &snap.routes[self.route?];
-        route.colors[self.color.index()]
-            .regions
-            .get(self.pool_slot)
-            .map(|(name, _)| name.as_str())
+        let (name, _) = self.color_rt()?.regions.get(self.pool_slot)?;
+        Some(name.as_str())
     }
 
     fn mark_failed(&mut self) {
@@ -176,7 +173,7 @@ fn choose_color(
 }
 
 /// A request id the client sent is kept if it is a sane token; otherwise a new one is made
-/// (128 random bits in hex, formatted without allocating).
+/// (128 random bits in hex, written without `format!`).
 fn request_id(req: &RequestHeader) -> HeaderValue {
     if let Some(v) = req.headers.get("x-request-id") {
         let b = v.as_bytes();

@@ -230,12 +230,7 @@ fn overlays_render_what_sluice_needs() {
         .flat_map(|e| {
             e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
                 .filter(|w| w.starts_with("sluice_"))
-                .map(|w| {
-                    w.trim_end_matches("_bucket")
-                        .trim_end_matches("_sum")
-                        .trim_end_matches("_count")
-                        .to_string()
-                })
+                .map(family)
                 .collect::<Vec<_>>()
         })
         .collect();
@@ -248,6 +243,16 @@ fn overlays_render_what_sluice_needs() {
             "alert uses {n}, which sluice does not export"
         );
     }
+}
+
+/// The metric family of a sample name (a histogram's `_bucket`, `_sum` and `_count` series
+/// belong to it).
+fn family(sample: &str) -> String {
+    sample
+        .trim_end_matches("_bucket")
+        .trim_end_matches("_sum")
+        .trim_end_matches("_count")
+        .to_string()
 }
 
 /// `sluice check` on a config, with its certificate and token files made up in a temp dir.
@@ -326,12 +331,7 @@ green = ["green"]
         .lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| l.split(['{', ' ']).next())
-        .map(|n| {
-            n.trim_end_matches("_bucket")
-                .trim_end_matches("_sum")
-                .trim_end_matches("_count")
-                .to_string()
-        })
+        .map(family)
         .collect();
     names.sort();
     names.dedup();

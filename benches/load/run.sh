@@ -303,35 +303,33 @@ run_wrk() { # proxy round
 	printf 'http1\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$rps" "$p50" "$p99" $((${non2xx:-0} + ${sock:-0})) >>"$RAW"
 }
 
+# One raw row from an h2load run: its output file and its per-request log (latency in
+# microseconds in the third column).
+h2load_row() { # scenario proxy round output log
+	local rps failed non2xx p50 p99
+	rps=$(awk '/^finished in/ {gsub(",", ""); print $4}' "$4")
+	failed=$(awk '/^requests:/ {print $10 + $12 + $14}' "$4")
+	non2xx=$(awk '/^status codes:/ {gsub(",", ""); print $5 + $7 + $9}' "$4")
+	read -r p50 p99 < <(cut -f3 "$5" | sort -n | awk '{ v[NR] = $1 } END {
+		if (NR == 0) { print "0 0"; exit }
+		printf "%.3f %.3f\n", v[int(NR * 0.5) + 1] / 1000, v[int(NR * 0.99) + 1] / 1000 }')
+	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$rps" "$p50" "$p99" $((${failed:-0} + ${non2xx:-0})) >>"$RAW"
+}
+
 run_h2load() { # proxy round
 	local f="$WORK/h2load-$1-$2.txt" lat="$WORK/h2load-$1-$2.lat"
 	taskset -c $LOAD_CPU h2load -t1 -c$CONNS -m10 -D "$SECS" --warm-up-time=1 \
 		--log-file="$lat" "https://127.0.0.1:${TLS[$1]}/" >"$f" 2>&1 || true
 	grep -q 'Application protocol: h2' "$f" || die "$1 did not negotiate h2: $(cat "$f")"
 	grep -q 'TLSv1.3' "$f" || die "$1 did not negotiate TLS 1.3"
-	local rps failed errored non2xx p50 p99
-	rps=$(awk '/^finished in/ {gsub(",", ""); print $4}' "$f")
-	failed=$(awk '/^requests:/ {print $10 + $12 + $14}' "$f")
-	non2xx=$(awk '/^status codes:/ {gsub(",", ""); print $5 + $7 + $9}' "$f")
-	# latency in microseconds is the third column of the log
-	read -r p50 p99 < <(cut -f3 "$lat" | sort -n | awk '{ v[NR] = $1 } END {
-		if (NR == 0) { print "0 0"; exit }
-		printf "%.3f %.3f\n", v[int(NR * 0.5) + 1] / 1000, v[int(NR * 0.99) + 1] / 1000 }')
-	printf 'h2tls\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$rps" "$p50" "$p99" $((${failed:-0} + ${non2xx:-0})) >>"$RAW"
+	h2load_row h2tls "$1" "$2" "$f" "$lat"
 }
 
 run_fixed() { # proxy round
 	local f="$WORK/fixed-$1-$2.txt" lat="$WORK/fixed-$1-$2.lat"
 	taskset -c $LOAD_CPU h2load --h1 -t1 -c$CONNS --rps=$((RATE / CONNS)) -D "$SECS" --warm-up-time=1 \
 		--log-file="$lat" "http://127.0.0.1:${PLAIN[$1]}/" >"$f" 2>&1 || true
-	local rps failed non2xx p50 p99
-	rps=$(awk '/^finished in/ {gsub(",", ""); print $4}' "$f")
-	failed=$(awk '/^requests:/ {print $10 + $12 + $14}' "$f")
-	non2xx=$(awk '/^status codes:/ {gsub(",", ""); print $5 + $7 + $9}' "$f")
-	read -r p50 p99 < <(cut -f3 "$lat" | sort -n | awk '{ v[NR] = $1 } END {
-		if (NR == 0) { print "0 0"; exit }
-		printf "%.3f %.3f\n", v[int(NR * 0.5) + 1] / 1000, v[int(NR * 0.99) + 1] / 1000 }')
-	printf 'fixed\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$rps" "$p50" "$p99" $((${failed:-0} + ${non2xx:-0})) >>"$RAW"
+	h2load_row fixed "$1" "$2" "$f" "$lat"
 }
 
 run_handshakes() { # proxy round

@@ -647,8 +647,8 @@ impl Traffic {
                         })
                 })
             };
-            let before = route_json(&ctl.name, &i);
             if let Some(reason) = why {
+                let before = route_json(&ctl.name, &i);
                 i.weights = shift.from;
                 i.source = shift.from_source;
                 if let Some(s) = i.shift.as_mut() {
