@@ -1,6 +1,7 @@
 //! Picks up changes on disk by itself: the config file and every file it names are watched
-//! through their directories (so editors' write-to-temp-and-rename and Kubernetes ConfigMap
-//! symlink swaps are seen), events are debounced, and a reload runs only when those files
+//! through their directories, and so is every symlink hop on the way to the real file (so
+//! editors' write-to-temp-and-rename, Kubernetes ConfigMap symlink swaps, and later edits of the
+//! file behind the links are all seen; the hops are followed again after every change), events are debounced, and a reload runs only when those files
 //! actually changed since the last load. SIGHUP reloads unconditionally.
 
 use std::collections::HashSet;
@@ -47,6 +48,35 @@ pub fn fingerprint(files: &[PathBuf]) -> String {
         }
     }
     crate::config::hex(&h.finalize())
+}
+
+/// Every path a watched file is reached through: the path itself, each symlink hop after it,
+/// and the real file at the end (which also covers symlinked directories on the way, such as a
+/// ConfigMap's `..data`). A change at any of them can change what the path reads.
+pub fn hops(path: &Path) -> Vec<PathBuf> {
+    let mut out = vec![path.to_path_buf()];
+    let mut cur = path.to_path_buf();
+    // the kernel's own limit on symlink chains
+    for _ in 0..40 {
+        let Ok(target) = std::fs::read_link(&cur) else {
+            break;
+        };
+        cur = if target.is_absolute() {
+            target
+        } else {
+            dir_of(&cur).join(target)
+        };
+        if out.contains(&cur) {
+            break;
+        }
+        out.push(cur.clone());
+    }
+    if let Ok(real) = std::fs::canonicalize(path) {
+        if !out.contains(&real) {
+            out.push(real);
+        }
+    }
+    out
 }
 
 fn dir_of(p: &Path) -> PathBuf {
@@ -102,8 +132,14 @@ impl BackgroundService for Watcher {
         let mut names: HashSet<std::ffi::OsString> = HashSet::new();
         let mut first = true;
         loop {
-            // (re)watch the directories of whatever the config names now
-            let files = self.shared.watched_files();
+            // (re)watch the directories of whatever the config names now, through every
+            // symlink hop as the links point now
+            let files: Vec<PathBuf> = self
+                .shared
+                .watched_files()
+                .iter()
+                .flat_map(|f| hops(f))
+                .collect();
             if let Some(w) = watcher.as_mut() {
                 names = files
                     .iter()
@@ -171,5 +207,29 @@ impl BackgroundService for Watcher {
                 let _ = self.shared.reload("file change");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hops_follow_every_link() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let cm = d.path();
+        std::fs::create_dir_all(cm.join("..v1")).expect("mkdir");
+        std::fs::write(cm.join("..v1/sluice.toml"), "x").expect("write");
+        std::os::unix::fs::symlink("..v1", cm.join("..data")).expect("link");
+        std::os::unix::fs::symlink("..data/sluice.toml", cm.join("sluice.toml")).expect("link");
+        let h = hops(&cm.join("sluice.toml"));
+        let real = std::fs::canonicalize(cm.join("..v1/sluice.toml")).expect("real");
+        assert_eq!(h.first(), Some(&cm.join("sluice.toml")));
+        assert!(h.contains(&cm.join("..data/sluice.toml")), "{h:?}");
+        assert_eq!(h.last(), Some(&real));
+        // a loop ends
+        std::os::unix::fs::symlink("b", cm.join("a")).expect("link");
+        std::os::unix::fs::symlink("a", cm.join("b")).expect("link");
+        assert!(hops(&cm.join("a")).len() <= 3);
     }
 }

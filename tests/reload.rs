@@ -224,6 +224,59 @@ fn symlink_swap_rename_and_in_place_writes_are_picked_up() {
     assert_eq!(s.metric("sluice_config_last_reload_success"), Some(1.0));
 }
 
+/// The real file behind a chain of symlinks is watched too, hop by hop, and the chain is
+/// followed again after every change: `sluice.toml -> ..data/sluice.toml`, `..data -> ..v2`,
+/// then edits of `..v2/sluice.toml` itself.
+#[test]
+fn edits_behind_every_symlink_hop_are_picked_up() {
+    let dir = tempdir();
+    let b1 = Backend::start(dir.path(), "b1");
+    let b2 = Backend::start(dir.path(), "b2");
+    let b3 = Backend::start(dir.path(), "b3");
+    let listen = free_addr();
+    let cm = dir.path().join("configmap");
+    std::fs::create_dir_all(cm.join("..v1")).expect("mkdir");
+    let admin = free_addr();
+    let text = |b: &Backend| config(listen, &[b.addr], "").replace("{admin}", &admin.to_string());
+    std::fs::write(cm.join("..v1/sluice.toml"), text(&b1)).expect("write");
+    std::os::unix::fs::symlink("..v1", cm.join("..data")).expect("symlink");
+    std::os::unix::fs::symlink("..data/sluice.toml", cm.join("sluice.toml")).expect("symlink");
+    let s = Sluice::start_file(dir.path(), &cm.join("sluice.toml"), admin);
+    let served = |want: &str| {
+        assert!(
+            wait_until(Duration::from_secs(5), || {
+                fetch(listen, "x", "/").map(|r| r.1).as_deref() == Some(want)
+            }),
+            "{want} never served: {}",
+            s.status()
+        );
+    };
+    served("b1");
+    // a ConfigMap swap to ..v2
+    std::fs::create_dir_all(cm.join("..v2")).expect("mkdir");
+    std::fs::write(cm.join("..v2/sluice.toml"), text(&b2)).expect("write");
+    std::os::unix::fs::symlink("..v2", cm.join("..data_tmp")).expect("symlink");
+    std::fs::rename(cm.join("..data_tmp"), cm.join("..data")).expect("swap");
+    served("b2");
+    // the file behind the hops, replaced by rename
+    write_by_rename(&cm.join("..v2/sluice.toml"), &text(&b3));
+    served("b3");
+    // ... written in place
+    std::fs::write(cm.join("..v2/sluice.toml"), text(&b1)).expect("write");
+    served("b1");
+    // ... and broken: reported, the old config keeps serving
+    std::fs::write(cm.join("..v2/sluice.toml"), "[[route]").expect("write");
+    assert!(
+        wait_until(Duration::from_secs(5), || s.status()["config"]
+            ["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("TOML syntax error"))),
+        "{}",
+        s.status()
+    );
+    assert_eq!(fetch(listen, "x", "/").map(|r| r.1).as_deref(), Some("b1"));
+}
+
 #[test]
 fn invalid_configs_are_refused_while_the_old_one_serves() {
     let dir = tempdir();
