@@ -92,10 +92,28 @@ pub fn status_json(shared: &Shared) -> Value {
             "restart_required": shared.restart_required(),
             "state_file_error": shared.traffic.problem(),
         },
+        "limits": limits_json(&snap.config.limits),
+        "connections": { "open": shared.conns.total() },
         "draining": shared.lifecycle.is_draining(),
         "inflight": shared.lifecycle.inflight(),
         "routes": (0..snap.routes.len()).map(|i| route_json(&snap, i)).collect::<Vec<_>>(),
         "pools": pools,
+    })
+}
+
+/// `[limits]` as in force.
+fn limits_json(l: &crate::config::Limits) -> Value {
+    let secs = |d: Duration| humantime::format_duration(d).to_string();
+    json!({
+        "max_connections": l.max_connections,
+        "max_connections_per_ip": l.max_connections_per_ip,
+        "header_timeout": secs(l.header_timeout),
+        "keepalive_timeout": secs(l.keepalive_timeout),
+        "keepalive_requests": l.keepalive_requests,
+        "max_header_bytes": l.max_header_bytes,
+        "max_body_bytes": l.max_body_bytes,
+        "h2_max_concurrent_streams": l.h2_max_concurrent_streams,
+        "send_timeout": secs(l.send_timeout),
     })
 }
 

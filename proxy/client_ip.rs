@@ -7,6 +7,23 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+/// The key a client is counted by (rate limits, connection limits): an IPv4 address (or an
+/// IPv4-mapped IPv6 one) whole, an IPv6 address cut to its first `v6_prefix` bits.
+pub fn key(ip: IpAddr, v6_prefix: u8) -> u128 {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
+        IpAddr::V6(v6) => {
+            let bits = u32::from(v6_prefix.min(128));
+            let mask = if bits == 0 {
+                0
+            } else {
+                u128::MAX << (128 - bits)
+            };
+            u128::from(v6) & mask
+        }
+    }
+}
+
 pub fn is_in(ip: IpAddr, nets: &[IpNet]) -> bool {
     let ip = ip.to_canonical();
     nets.iter().any(|n| n.contains(&ip))

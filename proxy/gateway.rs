@@ -63,6 +63,9 @@ pub struct Ctx {
     order_len: usize,
     order_pos: usize,
     geo_counted: bool,
+    /// The route's `max_body_bytes` (0: no limit) and the body bytes seen so far.
+    body_limit: u64,
+    body_seen: u64,
     _inflight: Option<InflightGuard>,
 }
 
@@ -101,6 +104,18 @@ impl Gateway {
         session
             .write_response_body(Some(Bytes::copy_from_slice(body.as_bytes())), true)
             .await
+    }
+
+    /// 413 before any of the body is read; the connection is closed after the answer.
+    async fn body_too_large(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        self.shared
+            .metrics
+            .limit_hits
+            .with_label_values(&["body_bytes"])
+            .inc();
+        self.respond(session, ctx, 413, "request body too large\n", &[])
+            .await?;
+        Ok(true)
     }
 
     fn add_hsts(&self, h: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
@@ -190,6 +205,42 @@ fn request_id(req: &RequestHeader) -> HeaderValue {
     HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("-"))
 }
 
+/// The request's `Content-Length` (0 when absent or unreadable: a streamed body is counted as
+/// it arrives instead).
+fn content_length(req: &RequestHeader) -> u64 {
+    req.headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `Upgrade: h2c` (RFC 7540's cleartext upgrade, removed by RFC 9113) is never passed on: a
+/// backend that took it would speak h2 with the client past sluice (h2c smuggling). The request
+/// is served as the HTTP/1.1 request it also is, as RFC 9110 allows.
+fn strip_h2c_upgrade(req: &mut RequestHeader) {
+    let h2c = req.headers.get_all(http::header::UPGRADE).iter().any(|v| {
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .any(|t| trim(t).eq_ignore_ascii_case(b"h2c"))
+    });
+    if h2c {
+        req.remove_header(&http::header::UPGRADE);
+        req.remove_header("http2-settings");
+        req.remove_header(&http::header::CONNECTION);
+    }
+}
+
+fn trim(mut v: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = v {
+        v = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = v {
+        v = rest;
+    }
+    v
+}
+
 fn as_str(v: &HeaderValue) -> &str {
     v.to_str().unwrap_or("-")
 }
@@ -220,6 +271,8 @@ impl ProxyHttp for Gateway {
             order_len: 0,
             order_pos: 0,
             geo_counted: false,
+            body_limit: 0,
+            body_seen: 0,
             _inflight: Some(self.shared.lifecycle.enter()),
         }
     }
@@ -227,6 +280,9 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let snap = self.shared.snapshot();
         ctx.snap = Some(snap.clone());
+        // a client that stops reading (or an h2 window left at zero) is not waited for forever
+        session.set_write_timeout(Some(snap.config.limits.send_timeout));
+        strip_h2c_upgrade(session.req_header_mut());
         let req = session.req_header();
         ctx.request_id = request_id(req);
         ctx.host = Host::new(request_host(req));
@@ -276,6 +332,10 @@ impl ProxyHttp for Gateway {
             Some(r) => {
                 ctx.route = Some(r);
                 let route = &snap.routes[r];
+                ctx.body_limit = route.max_body_bytes;
+                if ctx.body_limit > 0 && content_length(session.req_header()) > ctx.body_limit {
+                    return self.body_too_large(session, ctx).await;
+                }
                 if let (Some(limiter), Some(ip)) = (&route.limit, ctx.client_ip) {
                     if !client_ip::is_in(ip, &snap.exempt) {
                         if let Err(denied) = limiter.check(ip) {
@@ -305,6 +365,31 @@ impl ProxyHttp for Gateway {
                 Ok(true)
             }
         }
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        // a chunked (or h2) body is counted as it streams; nothing is kept
+        if let Some(b) = body {
+            ctx.body_seen += b.len() as u64;
+            if ctx.body_limit > 0 && ctx.body_seen > ctx.body_limit {
+                self.shared
+                    .metrics
+                    .limit_hits
+                    .with_label_values(&["body_bytes"])
+                    .inc();
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(413),
+                    "request body over max_body_bytes",
+                ));
+            }
+        }
+        Ok(())
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
@@ -512,6 +597,7 @@ impl ProxyHttp for Gateway {
         let (code, body) = match e.etype() {
             HTTPStatus(c) if *c == 502 => (502, "no backend reachable\n"),
             HTTPStatus(c) if *c == 503 => (503, "no healthy backend\n"),
+            HTTPStatus(413) => (413, "request body too large\n"),
             HTTPStatus(c) => (*c, "error\n"),
             ConnectTimedout | ReadTimedout | WriteTimedout => (504, "backend timed out\n"),
             ConnectRefused | ConnectNoRoute | ConnectError | ConnectProxyFailure
@@ -526,6 +612,19 @@ impl ProxyHttp for Gateway {
                 },
                 _ => (500, "internal error\n"),
             },
+        };
+        // a chunked body whose framing the edge refused
+        let framing = session
+            .stream()
+            .and_then(|s| s.as_any().downcast_ref::<crate::edge::chunked::Checked>())
+            .and_then(|c| c.verdict.violation());
+        let (code, body) = match framing {
+            Some(_) => {
+                let m = &self.shared.metrics;
+                m.bad_requests.with_label_values(&["400"]).inc();
+                (400, "bad chunked framing\n")
+            }
+            None => (code, body),
         };
         if code > 0 && session.response_written().is_none() {
             let retry_after: Vec<_> = ctx

@@ -10,6 +10,9 @@ mod bare_proxy;
 #[path = "../benches/load/tls_client.rs"]
 mod tls_client;
 
+// `--features system-alloc` keeps the system allocator, for heap profilers (valgrind massif,
+// heaptrack) that follow malloc.
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -45,6 +45,12 @@ pub struct Metrics {
     pub config_last_reload_success: IntGauge,
     /// Access log lines dropped because the writer could not keep up.
     pub access_log_dropped: IntCounter,
+    /// `listener`, `reason` = max_connections / per_ip: connections closed at accept
+    pub connections_refused: IntCounterVec,
+    /// `limit` = header_timeout / keepalive_timeout / header_bytes / body_bytes / h2
+    pub limit_hits: IntCounterVec,
+    /// `status`: request heads refused before they reached the proxy (malformed, ambiguous)
+    pub bad_requests: IntCounterVec,
 }
 
 impl Metrics {
@@ -133,6 +139,30 @@ impl Metrics {
             "sluice_access_log_dropped_total",
             "Access log lines dropped because the log writer fell behind",
         )?;
+        let connections_refused = IntCounterVec::new(
+            Opts::new(
+                "sluice_connections_refused_total",
+                "Connections closed at accept because of [limits], by listener and reason",
+            ),
+            &["listener", "reason"],
+        )?;
+        let limit_hits = IntCounterVec::new(
+            Opts::new(
+                "sluice_limit_hits_total",
+                "Clients cut off by a limit of [limits], by limit",
+            ),
+            &["limit"],
+        )?;
+        let bad_requests = IntCounterVec::new(
+            Opts::new(
+                "sluice_bad_requests_total",
+                "Request heads refused at the edge (malformed, ambiguous, too large), by status",
+            ),
+            &["status"],
+        )?;
+        registry.register(Box::new(connections_refused.clone()))?;
+        registry.register(Box::new(limit_hits.clone()))?;
+        registry.register(Box::new(bad_requests.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(downstream_connections.clone()))?;
@@ -161,6 +191,9 @@ impl Metrics {
             config_generation,
             config_last_reload_success,
             access_log_dropped,
+            connections_refused,
+            limit_hits,
+            bad_requests,
         })
     }
 

@@ -75,18 +75,7 @@ impl Limiter {
 
     /// The bucket a client address falls in.
     pub fn key(&self, ip: IpAddr) -> u128 {
-        match ip.to_canonical() {
-            IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
-            IpAddr::V6(v6) => {
-                let bits = u32::from(self.ipv6_prefix.min(128));
-                let mask = if bits == 0 {
-                    0
-                } else {
-                    u128::MAX << (128 - bits)
-                };
-                u128::from(v6) & mask
-            }
-        }
+        crate::client_ip::key(ip, self.ipv6_prefix)
     }
 
     /// Counts one request from `ip`; `Err` when it is over the quota.

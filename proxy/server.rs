@@ -12,27 +12,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use pingora::apps::{HttpServerOptions, ServerApp};
-use pingora::listeners::tls::TlsSettings;
-use pingora::listeners::PreTlsProcess;
-use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
-use pingora::protocols::l4::stream::Stream as L4Stream;
-use pingora::protocols::SocketDigest;
+use pingora::apps::ServerApp;
+use pingora::listeners::{L4BufferSettings, ListenerConfig, DEFAULT_L4_WRITE_BUFFER_SIZE};
 use pingora::protocols::Stream;
-use pingora::protocols::{GetSocketDigest, UniqueID};
-use pingora::proxy::{http_proxy, HttpProxy};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
-use prometheus::IntGauge;
 
 use crate::admin::Admin;
 use crate::config::{self, Listener};
-use crate::gateway::Gateway;
-use crate::snapshot::find_listener;
 use crate::state::Shared;
-use crate::tls::{hello, SniResolver};
 
 pub fn run(config_path: &Path) -> Result<(), String> {
     let cfg = config::load(config_path).map_err(|errs| {
@@ -79,51 +69,22 @@ pub fn run(config_path: &Path) -> Result<(), String> {
     server.bootstrap();
     let conf = server.configuration.clone();
 
-    // One proxy service (one worker pool of `threads`) serves every listener. h2c is a
-    // per-service option in pingora, so plain listeners that differ on `http2` need a second one.
-    let plain_h2c = listeners.iter().any(|l| !l.tls && l.http2);
-    let plain_h1 = listeners.iter().any(|l| !l.tls && !l.http2);
-    let groups: Vec<(bool, Vec<&Listener>)> = if plain_h2c && plain_h1 {
-        let (h1, rest): (Vec<&Listener>, Vec<&Listener>) =
-            listeners.iter().partition(|l| !l.tls && !l.http2);
-        vec![(true, rest), (false, h1)]
-    } else {
-        vec![(plain_h2c, listeners.iter().collect())]
-    };
-    for (i, (h2c, group)) in groups.into_iter().enumerate() {
-        let mut proxy = http_proxy(
-            &conf,
-            Gateway {
-                shared: shared.clone(),
-            },
-        );
-        if h2c {
-            let mut opts = HttpServerOptions::default();
-            opts.h2c = true;
-            proxy.server_options = Some(opts);
-        }
-        let app = Counted {
-            shared: shared.clone(),
-            inner: Arc::new(proxy),
-            gauges: group
-                .iter()
-                .map(|l| {
-                    let label = l.listen.to_string();
-                    let g = shared
-                        .metrics
-                        .downstream_connections
-                        .with_label_values(&[&label]);
-                    (l.listen, g)
-                })
-                .collect(),
-        };
-        let mut service = Service::new(format!("proxy-{i}"), app);
-        service.threads = Some(threads);
-        for l in group {
-            add_endpoint(&mut service, l, &shared)?;
-        }
-        server.add_service(service);
+    // One service (one worker pool of `threads`) serves every listener. pingora accepts plain
+    // TCP with no read buffer of its own; the edge app does PROXY protocol, connection limits,
+    // TLS, and HTTP/1 request heads itself before pingora's proxy takes a request.
+    let edge = Arc::new(crate::edge::Edge::new(
+        shared.clone(),
+        conf.clone(),
+        &listeners,
+    )?);
+    let mut service = Service::new("proxy".to_string(), EdgeApp(edge.clone()));
+    service.threads = Some(threads);
+    for l in &listeners {
+        service.add_listener(ListenerConfig::tcp(l.listen.to_string()).l4_buffer(
+            L4BufferSettings::new(L4_READ_BUFFER, DEFAULT_L4_WRITE_BUFFER_SIZE),
+        ));
     }
+    server.add_service(service);
 
     let mut admin = Service::new(
         "admin".to_string(),
@@ -178,163 +139,25 @@ pub fn run(config_path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn add_endpoint(
-    service: &mut Service<Counted>,
-    l: &Listener,
-    shared: &Arc<Shared>,
-) -> Result<(), String> {
-    let addr = l.listen.to_string();
-    if !l.tls {
-        service.add_tcp(&addr);
-        return Ok(());
-    }
-    // The paths are ignored once a resolver is set: certificates come from the snapshot.
-    let mut settings = TlsSettings::intermediate("", "").map_err(|e| e.to_string())?;
-    let s = shared.clone();
-    settings.set_cert_resolver(Arc::new(SniResolver::new(move || {
-        s.snapshot().certs.clone()
-    })));
-    if l.http2 {
-        settings.enable_h2();
-    }
-    service.add_tls_with_settings(&addr, None, settings);
-    service
-        .endpoints()
-        .set_pre_tls_callback(Arc::new(VersionFloor {
-            shared: shared.clone(),
-        }));
-    Ok(())
-}
+/// pingora's L4 read buffer per connection (its default is 64 KiB): none. HTTP/1 heads are read
+/// straight into the request buffer, and rustls reads records into its own.
+const L4_READ_BUFFER: usize = 0;
 
-/// Runs before rustls sees a TLS connection: reads the PROXY protocol header when
-/// `proxy_protocol` is on, then enforces `tls.min_version = "1.3"` (pingora builds rustls with
-/// TLS 1.2 and 1.3): the ClientHello is read, put back, and a client that does not offer TLS
-/// 1.3 gets a `protocol_version` alert instead of a handshake.
-struct VersionFloor {
-    shared: Arc<Shared>,
-}
-
-/// Reads the PROXY header of a new connection and makes its source the connection's peer
-/// address. `false`: no valid header, the connection must be closed.
-async fn accept_proxy_header<S>(stream: &mut S) -> bool
-where
-    S: tokio::io::AsyncRead + Unpin + GetSocketDigest + UniqueID + ?Sized,
-{
-    match crate::proxy_protocol::read_header(stream).await {
-        Ok(Some(addr)) => {
-            let digest = SocketDigest::from_raw_fd(stream.id());
-            let _ = digest.peer_addr.set(Some(PingoraAddr::Inet(addr)));
-            stream.set_socket_digest(digest);
-            true
-        }
-        Ok(None) => true,
-        Err(e) => {
-            log::debug!("closing connection: {e}");
-            false
-        }
-    }
-}
-
-/// How long a client may take to send its ClientHello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// The service's app: the edge, shared with whoever needs its counts.
+pub struct EdgeApp(Arc<crate::edge::Edge>);
 
 #[async_trait]
-impl PreTlsProcess for VersionFloor {
-    async fn process(&self, stream: &mut L4Stream) -> pingora::Result<()> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let snap = self.shared.snapshot();
-        if snap.config.client_ip.proxy_protocol && !accept_proxy_header(stream).await {
-            return Err(pingora::Error::explain(
-                pingora::ErrorType::ReadError,
-                "no valid PROXY protocol header",
-            ));
-        }
-        if !snap.certs.requires_tls13() {
-            return Ok(());
-        }
-        drop(snap);
-        let mut record = vec![0u8; hello::RECORD_HEADER];
-        let read = async {
-            stream.read_exact(&mut record).await?;
-            if let Some(len) = hello::record_len(&record) {
-                record.resize(hello::RECORD_HEADER + len, 0);
-                stream
-                    .read_exact(&mut record[hello::RECORD_HEADER..])
-                    .await?;
-            }
-            Ok::<_, std::io::Error>(())
-        };
-        let outcome = tokio::time::timeout(HELLO_TIMEOUT, read).await;
-        // Whatever was read goes back for rustls to read again.
-        stream.rewind(&record);
-        match outcome {
-            Ok(Ok(())) => {}
-            _ => {
-                return Err(pingora::Error::explain(
-                    pingora::ErrorType::ReadError,
-                    "no ClientHello",
-                ))
-            }
-        }
-        if hello::offers_tls13(&record) == Some(false) {
-            // fatal alert: protocol_version (70)
-            let _ = stream
-                .write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 70])
-                .await;
-            let _ = stream.flush().await;
-            log::debug!("refused a client that does not offer TLS 1.3");
-            return Err(pingora::Error::explain(
-                pingora::ErrorType::TLSHandshakeFailure,
-                "client does not offer TLS 1.3 (tls.min_version = \"1.3\")",
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// Wraps the proxy app to count open downstream connections per listener.
-pub struct Counted {
-    inner: Arc<HttpProxy<Gateway>>,
-    gauges: Vec<(SocketAddr, IntGauge)>,
-    shared: Arc<Shared>,
-}
-
-struct ConnGuard(IntGauge);
-impl Drop for ConnGuard {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
-#[async_trait]
-impl ServerApp for Counted {
+impl ServerApp for EdgeApp {
     async fn process_new(
         self: &Arc<Self>,
-        mut session: Stream,
+        session: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        // TLS connections had their PROXY header read before the handshake
-        let plain = session.get_ssl_digest().is_none();
-        if plain
-            && self.shared.snapshot().config.client_ip.proxy_protocol
-            && !accept_proxy_header(&mut *session).await
-        {
-            return None;
-        }
-        let local = session
-            .get_socket_digest()
-            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied());
-        let _guard = local
-            .and_then(|a| find_listener(&self.gauges, a, |g| g.0))
-            .map(|(_, g)| {
-                g.inc();
-                ConnGuard(g.clone())
-            });
-        self.inner.process_new(session, shutdown).await
+        self.0.process_new(session, shutdown).await
     }
 
     async fn cleanup(&self) {
-        self.inner.cleanup().await
+        self.0.cleanup().await
     }
 }
 

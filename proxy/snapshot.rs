@@ -53,6 +53,8 @@ pub struct RouteRt {
     /// The route's rate limiter, if it is limited.
     pub limit: Option<Arc<Limiter>>,
     pub rate_limited: IntCounter,
+    /// `[route.limits] max_body_bytes`, else `[limits]`'s; 0: no limit.
+    pub max_body_bytes: u64,
 }
 
 /// The pools of one color of a route.
@@ -174,6 +176,7 @@ impl Snapshot {
                 duration: metrics.request_duration.with_label_values(&[&r.name]),
                 limit: route_limiter(&config, r, limits),
                 rate_limited: metrics.rate_limited.with_label_values(&[&r.name]),
+                max_body_bytes: r.max_body_bytes.unwrap_or(config.limits.max_body_bytes),
             })
             .collect();
         let router = Router::new(

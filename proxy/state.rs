@@ -28,6 +28,8 @@ pub struct Shared {
     pub audit: crate::audit::Audit,
     /// Admin clients that failed authentication too often.
     pub lockout: crate::auth::Lockout,
+    /// Open downstream connections (process and per client address).
+    pub conns: crate::edge::conns::Conns,
     pub config_path: PathBuf,
     /// `file:line:col: message` of the last failed load, if the last load failed.
     pub last_error: Mutex<Option<String>>,
@@ -76,6 +78,7 @@ impl Shared {
             traffic,
             audit,
             lockout: crate::auth::Lockout::default(),
+            conns: crate::edge::conns::Conns::default(),
             config_path,
             last_error: Mutex::new(None),
             restart_required: Mutex::new(None),

@@ -2,9 +2,9 @@
 //! protocol floor, and upstream TLS (CA, client certificate) for pools.
 //!
 //! pingora's rustls `TlsSettings::build()` panics on bad files and always enables TLS 1.2 and 1.3,
-//! so every file is loaded and checked here first, and `min_version = "1.3"` is enforced before
-//! rustls sees the connection: the ClientHello's `supported_versions` extension is read in
-//! pingora's pre-TLS hook and a client that does not offer TLS 1.3 gets a `protocol_version` alert.
+//! so every file is loaded and checked here first, and the server side is a rustls config of
+//! our own (`acceptor`): with `min_version = "1.3"` it speaks TLS 1.3 only, and a client that
+//! does not offer it gets a `protocol_version` alert from rustls.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -195,6 +195,37 @@ impl CertSet {
     }
 }
 
+/// A TLS acceptor for downstream connections: certificates from `current` (the snapshot's, so a
+/// reload applies to the next handshake), ALPN h2 + http/1.1 or http/1.1 alone, TLS 1.3 alone or
+/// 1.2 and 1.3.
+pub fn acceptor<F>(
+    h2: bool,
+    tls13_only: bool,
+    current: F,
+) -> Result<pingora::listeners::tls::Acceptor, String>
+where
+    F: Fn() -> Arc<CertSet> + Send + Sync + 'static,
+{
+    let versions: &[&rustls::SupportedProtocolVersion] = if tls13_only {
+        &[&rustls::version::TLS13]
+    } else {
+        &[&rustls::version::TLS13, &rustls::version::TLS12]
+    };
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions)
+        .map_err(|e| format!("TLS settings: {e}"))?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SniResolver::new(current)));
+    cfg.alpn_protocols = if h2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
+    Ok(pingora::listeners::tls::Acceptor::from_server_config(
+        Arc::new(cfg),
+    ))
+}
+
 /// Resolves certificates from whatever `CertSet` the current snapshot holds, so a reload that
 /// swaps the snapshot swaps the certificates for the next handshake.
 pub struct SniResolver<F> {
@@ -229,85 +260,6 @@ where
 pub fn generate_self_signed(hosts: &[String]) -> Result<(String, String), String> {
     let ck = rcgen::generate_simple_self_signed(hosts.to_vec()).map_err(|e| e.to_string())?;
     Ok((ck.cert.pem(), ck.key_pair.serialize_pem()))
-}
-
-/// Reading the protocol versions a ClientHello offers.
-pub mod hello {
-    /// TLS record header length.
-    pub const RECORD_HEADER: usize = 5;
-
-    /// Length of the record whose 5-byte header is given, if it is a handshake record.
-    pub fn record_len(header: &[u8]) -> Option<usize> {
-        match header {
-            [0x16, 0x03, _, hi, lo, ..] => Some(usize::from(*hi) << 8 | usize::from(*lo)),
-            _ => None,
-        }
-    }
-
-    /// `Some(true)` when the ClientHello in `record` (header included) offers TLS 1.3 in its
-    /// `supported_versions` extension, `Some(false)` when it does not (a TLS 1.2 or older
-    /// client), `None` when the bytes are not a complete ClientHello.
-    pub fn offers_tls13(record: &[u8]) -> Option<bool> {
-        let mut r = Reader(record);
-        if r.u8()? != 0x16 {
-            return None;
-        }
-        r.take(2)?;
-        let len = r.u16()? as usize;
-        let mut hs = Reader(r.take(len)?);
-        if hs.u8()? != 0x01 {
-            return None;
-        }
-        let body_len = hs.u24()?;
-        let mut b = Reader(hs.take(body_len)?);
-        b.take(2 + 32)?; // legacy version, random
-        let sid = b.u8()? as usize;
-        b.take(sid)?;
-        let suites = b.u16()? as usize;
-        b.take(suites)?;
-        let comp = b.u8()? as usize;
-        b.take(comp)?;
-        if b.0.is_empty() {
-            return Some(false); // no extensions at all: not a TLS 1.3 client
-        }
-        let ext_len = b.u16()? as usize;
-        let mut ext = Reader(b.take(ext_len)?);
-        while !ext.0.is_empty() {
-            let typ = ext.u16()?;
-            let len = ext.u16()? as usize;
-            let data = ext.take(len)?;
-            if typ == 0x002b {
-                let mut v = Reader(data);
-                let n = v.u8()? as usize;
-                let list = v.take(n)?;
-                return Some(list.chunks_exact(2).any(|c| c == [0x03, 0x04]));
-            }
-        }
-        Some(false)
-    }
-
-    struct Reader<'a>(&'a [u8]);
-
-    impl<'a> Reader<'a> {
-        fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-            if self.0.len() < n {
-                return None;
-            }
-            let (a, b) = self.0.split_at(n);
-            self.0 = b;
-            Some(a)
-        }
-        fn u8(&mut self) -> Option<u8> {
-            self.take(1).map(|b| b[0])
-        }
-        fn u16(&mut self) -> Option<u16> {
-            self.take(2).map(|b| u16::from(b[0]) << 8 | u16::from(b[1]))
-        }
-        fn u24(&mut self) -> Option<usize> {
-            self.take(3)
-                .map(|b| usize::from(b[0]) << 16 | usize::from(b[1]) << 8 | usize::from(b[2]))
-        }
-    }
 }
 
 /// A client config for probing our own TLS listeners: it completes a handshake without judging
@@ -415,36 +367,6 @@ mod tests {
         // wildcards cover one label only; otherwise the first cert is the default
         assert_eq!(pick(Some("a.b.wild.test")), Some(a.cert[0].clone()));
         assert_eq!(pick(None), Some(a.cert[0].clone()));
-    }
-
-    /// The first flight of a real rustls client limited to `versions`.
-    fn client_hello(versions: &[&'static rustls::SupportedProtocolVersion]) -> Vec<u8> {
-        let cfg = rustls::ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(versions)
-            .expect("versions")
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth();
-        let name = rustls::pki_types::ServerName::try_from("a.test").expect("name");
-        let mut conn = rustls::ClientConnection::new(Arc::new(cfg), name).expect("conn");
-        let mut out = Vec::new();
-        conn.write_tls(&mut out).expect("write");
-        out
-    }
-
-    #[test]
-    fn client_hello_versions() {
-        let both = client_hello(&[&rustls::version::TLS13, &rustls::version::TLS12]);
-        let only12 = client_hello(&[&rustls::version::TLS12]);
-        let only13 = client_hello(&[&rustls::version::TLS13]);
-        assert_eq!(hello::offers_tls13(&both), Some(true));
-        assert_eq!(hello::offers_tls13(&only13), Some(true));
-        assert_eq!(hello::offers_tls13(&only12), Some(false));
-        // truncated or foreign input is "cannot tell", never a panic
-        for n in 0..both.len() {
-            let _ = hello::offers_tls13(&both[..n]);
-        }
-        assert_eq!(hello::offers_tls13(b"GET / HTTP/1.1\r\n"), None);
-        assert_eq!(hello::offers_tls13(&[]), None);
     }
 
     #[test]

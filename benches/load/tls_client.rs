@@ -36,6 +36,9 @@ pub struct IdleOptions {
     /// Handshakes in flight at once while opening.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
+    /// Plain TCP (HTTP/1.1 without TLS) instead of TLS.
+    #[arg(long)]
+    pub plain: bool,
 }
 
 /// The benchmark measures the server: the client skips certificate checks (it still does the
@@ -119,8 +122,21 @@ async fn open(
     Ok(tls)
 }
 
+/// One plain connection with one request answered.
+async fn open_plain(target: SocketAddr) -> Result<TcpStream, String> {
+    let mut tcp = TcpStream::connect(target)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    read_response(&mut tcp).await?;
+    Ok(tcp)
+}
+
 /// Reads one response with a Content-Length body; Err unless it is a 200.
-async fn read_response(s: &mut tokio_rustls::client::TlsStream<TcpStream>) -> Result<(), String> {
+async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Result<(), String> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     loop {
@@ -191,6 +207,13 @@ pub fn handshakes(o: HandshakeOptions) -> Result<(), String> {
     })
 }
 
+/// A connection held open by `idle`.
+#[allow(dead_code)]
+enum Held {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
 pub fn idle(o: IdleOptions) -> Result<(), String> {
     let c = connector()?;
     runtime()?.block_on(async move {
@@ -200,7 +223,13 @@ pub fn idle(o: IdleOptions) -> Result<(), String> {
             let (c, sem) = (c.clone(), sem.clone());
             tasks.push(tokio::spawn(async move {
                 let _permit = sem.acquire_owned().await.map_err(|e| e.to_string())?;
-                open(&c, o.target, false).await
+                if o.plain {
+                    open_plain(o.target).await.map(Held::Plain)
+                } else {
+                    open(&c, o.target, false)
+                        .await
+                        .map(|s| Held::Tls(Box::new(s)))
+                }
             }));
         }
         let mut open_conns = Vec::new();

@@ -76,6 +76,45 @@ pub struct Listener {
     pub redirect_https: Option<u16>,
 }
 
+/// `[limits]`: what clients may hold. Every default is in force without the table.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// Open downstream connections, all listeners together.
+    pub max_connections: u32,
+    /// Per client IP (IPv6 by `rate_limit.ipv6_prefix`); 0 = no limit.
+    pub max_connections_per_ip: u32,
+    /// The whole request head must arrive within this.
+    pub header_timeout: Duration,
+    /// Idle time allowed between requests on one connection.
+    pub keepalive_timeout: Duration,
+    /// Requests on one HTTP/1.1 connection before it is closed gracefully.
+    pub keepalive_requests: u32,
+    /// Request line + headers (and an h2 header list); larger gets 431.
+    pub max_header_bytes: usize,
+    /// Request body; larger gets 413. `[route.limits]` may override it.
+    pub max_body_bytes: u64,
+    pub h2_max_concurrent_streams: u32,
+    /// A response that cannot be written for this long (a client that stopped reading, an h2
+    /// flow-control window left at zero) is abandoned. Added to the contract.
+    pub send_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 100_000,
+            max_connections_per_ip: 256,
+            header_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(60),
+            keepalive_requests: 10_000,
+            max_header_bytes: 32 * 1024,
+            max_body_bytes: 10 * 1024 * 1024,
+            h2_max_concurrent_streams: 128,
+            send_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ClientIp {
     pub trusted_proxies: Vec<IpNet>,
@@ -222,6 +261,8 @@ pub struct Route {
     /// healthy backend rolls a shift back.
     pub rollback: Option<Rollback>,
     pub rate_limit: RouteLimit,
+    /// `[route.limits] max_body_bytes`; `None`: `[limits]`'s.
+    pub max_body_bytes: Option<u64>,
 }
 
 /// A validated config: everything the runtime snapshot is built from.
@@ -233,6 +274,7 @@ pub struct Config {
     pub admin: Admin,
     pub tls: Option<Tls>,
     pub listeners: Vec<Listener>,
+    pub limits: Limits,
     pub client_ip: ClientIp,
     pub rate_limit: Option<RateLimit>,
     pub geoip: Option<GeoIp>,
@@ -337,9 +379,13 @@ impl Builder<'_, '_> {
                 "admin",
                 "tls",
                 "listener",
+                "limits",
                 "client_ip",
                 "rate_limit",
                 "geoip",
+                "resolver",
+                "cluster",
+                "tracing",
                 "region",
                 "pool",
                 "route",
@@ -350,6 +396,16 @@ impl Builder<'_, '_> {
         let admin = self.admin(root);
         let tls = self.tls(root);
         let listeners = self.listeners(root, tls.is_some());
+        for (key, what) in [
+            ("resolver", "backends by DNS name"),
+            ("cluster", "fleet mode"),
+            ("tracing", "OpenTelemetry tracing"),
+        ] {
+            if let Some(span) = root.key_span(key) {
+                self.not_yet(&span, &format!("[{key}] ({what})"));
+            }
+        }
+        let limits = self.limits(root);
         let client_ip = self.client_ip(root);
         let rate_limit = root
             .table(self.d, "rate_limit")
@@ -365,6 +421,7 @@ impl Builder<'_, '_> {
             admin: admin?,
             tls,
             listeners,
+            limits,
             client_ip,
             rate_limit,
             geoip,
@@ -449,7 +506,22 @@ impl Builder<'_, '_> {
         let Some(t) = root.table(self.d, "admin") else {
             return (!root.has("admin")).then_some(admin);
         };
-        t.check_keys(self.d, &["listen", "token_file", "state_file", "audit_log"]);
+        t.check_keys(
+            self.d,
+            &[
+                "listen",
+                "token_file",
+                "state_file",
+                "audit_log",
+                "require_approval",
+                "approval_timeout",
+            ],
+        );
+        for key in ["require_approval", "approval_timeout"] {
+            if let Some(span) = t.key_span(key) {
+                self.not_yet(&span, &format!("`admin.{key}` (two-person approval)"));
+            }
+        }
         for key in ["state_file", "audit_log"] {
             // written by sluice (the directory is created when missing): need not exist yet
             let Some(f) = t.string(self.d, key) else {
@@ -561,6 +633,12 @@ impl Builder<'_, '_> {
             }
         }
         Some(tls)
+    }
+
+    /// A key of the contract that this version does not implement yet: refused, never ignored.
+    fn not_yet(&mut self, span: &Span, what: &str) {
+        self.d
+            .error(span, format!("{what} is not supported yet by this version"));
     }
 
     /// Checks a referenced file exists and records it as a dependency of the config.
@@ -680,6 +758,72 @@ impl Builder<'_, '_> {
         out
     }
 
+    fn limits(&mut self, root: &Table) -> Limits {
+        let mut l = Limits::default();
+        let Some(t) = root.table(self.d, "limits") else {
+            return l;
+        };
+        t.check_keys(
+            self.d,
+            &[
+                "max_connections",
+                "max_connections_per_ip",
+                "header_timeout",
+                "keepalive_timeout",
+                "keepalive_requests",
+                "max_header_bytes",
+                "max_body_bytes",
+                "h2_max_concurrent_streams",
+                "send_timeout",
+            ],
+        );
+        if let Some(n) = t.integer(self.d, "max_connections", 1, 10_000_000) {
+            l.max_connections = n.value as u32;
+        }
+        if let Some(n) = t.integer(self.d, "max_connections_per_ip", 0, 10_000_000) {
+            l.max_connections_per_ip = n.value as u32;
+        }
+        if let Some(n) = t.integer(self.d, "keepalive_requests", 1, 1_000_000_000) {
+            l.keepalive_requests = n.value as u32;
+        }
+        // pingora refuses heads over 1 MiB whatever is set here
+        if let Some(n) = t.integer(self.d, "max_header_bytes", 1024, 1024 * 1024) {
+            l.max_header_bytes = n.value as usize;
+        }
+        if let Some(n) = t.integer(self.d, "max_body_bytes", 0, i64::MAX) {
+            l.max_body_bytes = n.value as u64;
+        }
+        if let Some(n) = t.integer(self.d, "h2_max_concurrent_streams", 1, 10_000) {
+            l.h2_max_concurrent_streams = n.value as u32;
+        }
+        for key in ["header_timeout", "keepalive_timeout", "send_timeout"] {
+            let Some(d) = t.duration(self.d, key) else {
+                continue;
+            };
+            if d.value < Duration::from_millis(100) || d.value > Duration::from_secs(3600) {
+                self.d.error(
+                    &d.span,
+                    format!("`limits.{key}` must be between 100ms and 1h"),
+                );
+                continue;
+            }
+            match key {
+                "header_timeout" => l.header_timeout = d.value,
+                "keepalive_timeout" => l.keepalive_timeout = d.value,
+                _ => l.send_timeout = d.value,
+            }
+        }
+        l
+    }
+
+    /// `[route.limits]`: a route's own `max_body_bytes`.
+    fn route_body_limit(&mut self, t: &Table) -> Option<u64> {
+        let lt = t.table(self.d, "limits")?;
+        lt.check_keys(self.d, &["max_body_bytes"]);
+        lt.integer(self.d, "max_body_bytes", 0, i64::MAX)
+            .map(|n| n.value as u64)
+    }
+
     fn client_ip(&mut self, root: &Table) -> ClientIp {
         let mut c = ClientIp {
             trusted_proxies: Vec::new(),
@@ -725,8 +869,28 @@ impl Builder<'_, '_> {
     fn rate_limit(&mut self, t: &Table) -> RateLimit {
         t.check_keys(
             self.d,
-            &["requests", "per", "burst", "ipv6_prefix", "exempt"],
+            &[
+                "requests",
+                "per",
+                "burst",
+                "ipv6_prefix",
+                "exempt",
+                "scope",
+                "sync",
+            ],
         );
+        match t.string(self.d, "scope") {
+            Some(sc) if sc.value == "cluster" => {
+                self.not_yet(&sc.span, "`rate_limit.scope = \"cluster\"` (fleet mode)")
+            }
+            Some(sc) if sc.value != "local" => self.d.error(
+                &sc.span,
+                "`rate_limit.scope` must be \"local\" or \"cluster\"",
+            ),
+            _ => {}
+        }
+        // only used with scope = "cluster"; still checked
+        let _ = t.duration(self.d, "sync");
         let limit = self.limit(t);
         let ipv6_prefix = t
             .integer(self.d, "ipv6_prefix", 1, 128)
@@ -1153,9 +1317,11 @@ impl Builder<'_, '_> {
                     "override_header",
                     "rollback",
                     "rate_limit",
+                    "limits",
                 ],
             );
             let name = self.unique_name(&t, &mut seen, "route");
+            let max_body_bytes = self.route_body_limit(&t);
             let rate_limit = self.route_limit(&t);
             let hosts = self.host_patterns(&t, "hosts");
             let path_prefix = match t.string(self.d, "path_prefix") {
@@ -1267,6 +1433,7 @@ impl Builder<'_, '_> {
                     override_header,
                     rollback,
                     rate_limit,
+                    max_body_bytes,
                 });
             }
         }

@@ -427,3 +427,193 @@ pub fn write_by_rename(path: &Path, text: &str) {
     std::fs::write(&tmp, text).expect("write temp");
     std::fs::rename(&tmp, path).expect("rename");
 }
+
+/// A backend that records every byte it receives (all connections, in arrival order) and
+/// answers each complete request `200 ok`. For asserting exactly what sluice forwards.
+pub struct RawBackend {
+    pub addr: SocketAddr,
+    received: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl RawBackend {
+    pub fn start() -> RawBackend {
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (rx, rq) = (received.clone(), requests.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let (rx, rq) = (rx.clone(), rq.clone());
+                std::thread::spawn(move || {
+                    use std::io::Write;
+                    let mut pending: Vec<u8> = Vec::new();
+                    let mut buf = [0u8; 16384];
+                    loop {
+                        let n = match conn.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        rx.lock().expect("lock").extend_from_slice(&buf[..n]);
+                        pending.extend_from_slice(&buf[..n]);
+                        while let Some(len) = complete_request(&pending) {
+                            pending.drain(..len);
+                            rq.fetch_add(1, Ordering::SeqCst);
+                            let _ = conn.write_all(
+                                b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-type: text/plain\r\n\r\nok\n",
+                            );
+                        }
+                    }
+                });
+            }
+        });
+        RawBackend {
+            addr,
+            received,
+            requests,
+        }
+    }
+
+    /// Everything received so far.
+    pub fn received(&self) -> Vec<u8> {
+        self.received.lock().expect("lock").clone()
+    }
+
+    /// Complete requests answered so far.
+    pub fn requests(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn clear(&self) {
+        self.received.lock().expect("lock").clear();
+    }
+}
+
+/// The length of the first complete request in `b` (head, then a Content-Length or chunked
+/// body), if it is complete.
+pub fn complete_request(b: &[u8]) -> Option<usize> {
+    let end = b.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&b[..end]).to_ascii_lowercase();
+    let field = |name: &str| {
+        head.lines().find_map(|l| {
+            l.strip_prefix(&format!("{name}:"))
+                .map(|v| v.trim().to_string())
+        })
+    };
+    if field("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        let mut at = end;
+        loop {
+            let line_end = b[at..].windows(2).position(|w| w == b"\r\n")? + at;
+            let size_text = String::from_utf8_lossy(&b[at..line_end]);
+            let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+            at = line_end + 2;
+            if size == 0 {
+                // trailers end with an empty line
+                let t = b[at..].windows(2).position(|w| w == b"\r\n")?;
+                if t == 0 {
+                    return Some(at + 2);
+                }
+                let rest = b[at..].windows(4).position(|w| w == b"\r\n\r\n")?;
+                return Some(at + rest + 4);
+            }
+            if b.len() < at + size + 2 {
+                return None;
+            }
+            at += size + 2;
+        }
+    }
+    let len: usize = field("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    (b.len() >= end + len).then_some(end + len)
+}
+
+/// One HTTP/1.1 response read from `s`: (status, head, body); `None` when the connection
+/// closed (or timed out) before a whole response arrived.
+pub fn read_response(s: &mut TcpStream) -> Option<(u16, String, Vec<u8>)> {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    let end = loop {
+        if let Some(p) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&got[..end]).to_string();
+    let code = head.split(' ').nth(1)?.parse().ok()?;
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    while got.len() < end + len {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some((code, head, got[end..end + len].to_vec()))
+}
+
+/// Whether the peer closed `s` (EOF or reset) within `timeout`, reading and dropping anything.
+pub fn closed_within(s: &mut TcpStream, timeout: Duration) -> bool {
+    let end = Instant::now() + timeout;
+    let mut buf = [0u8; 4096];
+    while Instant::now() < end {
+        let _ = s.set_read_timeout(Some((end - Instant::now()).max(Duration::from_millis(1))));
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+/// Raises this process's open-files limit to its hard limit (tests that hold many sockets).
+pub fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit on our own process with a valid struct.
+    unsafe {
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+/// Resident memory of a process in KiB.
+pub fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A TCP connection from a chosen local address (127.0.0.x are all loopback on Linux).
+pub fn connect_from(local: std::net::IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    sock.bind(&SocketAddr::new(local, 0).into())?;
+    sock.connect_timeout(&to.into(), Duration::from_secs(2))?;
+    Ok(sock.into())
+}
