@@ -6,20 +6,24 @@
 #   docker run -p 8443:8443 -p 8080:8080 -v $PWD/myconfig:/etc/sluice:ro sluice
 
 FROM rust:1.95-bookworm AS build
-RUN apt-get update && apt-get install -y --no-install-recommends cmake \
+RUN apt-get update && apt-get install -y --no-install-recommends cmake patch \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Dependencies are fetched in their own layer (changes only with Cargo.toml / Cargo.lock), and
 # compiled into a cache mount that outlives the layer: a source-only change rebuilds sluice, not
 # pingora and the rest.
+# The pingora patches (proxy/patches/) are applied to the published sources in that layer too:
+# Cargo.toml points [patch.crates-io] at target/patched/.
 COPY Cargo.toml Cargo.lock ./
 COPY benches benches
+COPY proxy/patches proxy/patches
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    mkdir -p proxy && echo 'fn main() {}' > proxy/main.rs && touch proxy/lib.rs \
-    && cargo fetch --locked && rm -rf proxy
+    proxy/patches/apply.sh \
+    && echo 'fn main() {}' > proxy/main.rs && touch proxy/lib.rs \
+    && cargo fetch --locked && rm proxy/main.rs proxy/lib.rs
 COPY proxy proxy
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    --mount=type=cache,target=/src/target \
+    --mount=type=cache,target=/src/target/release \
     cargo build --release --locked --bin sluice \
     && install -D target/release/sluice /out/usr/local/bin/sluice \
     && mkdir -p /out/var/lib/sluice /out/etc/sluice

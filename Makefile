@@ -9,16 +9,20 @@ CONFIG ?= config/sluice.toml
 
 .PHONY: run test test-deps deps build check-config bench bench-deps bench-micro image fmt lint clean
 
-# Install what the build needs when it is missing (cmake for pingora's zlib-ng).
+# Install what the build needs when it is missing (cmake for pingora's zlib-ng; patch and curl
+# for the pingora patches), then build the patched pingora sources (proxy/patches/).
 deps:
 	@command -v $(CARGO) >/dev/null || { echo "error: cargo not found; install the Rust toolchain (https://rustup.rs)"; exit 1; }
-	@if ! command -v cmake >/dev/null; then \
-	  echo "cmake is missing (pingora needs it); installing it with apt-get"; \
-	  if ! command -v apt-get >/dev/null; then echo "error: no apt-get here: install cmake with your package manager"; exit 1; fi; \
+	@missing=""; \
+	for t in cmake:cmake patch:patch curl:curl; do command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing (the build needs it) with apt-get"; \
+	  if ! command -v apt-get >/dev/null; then echo "error: no apt-get here: install$$missing with your package manager"; exit 1; fi; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq cmake >/dev/null \
-	    || { echo "error: could not install cmake; install it by hand"; exit 1; }; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing >/dev/null \
+	    || { echo "error: could not install$$missing; install it by hand"; exit 1; }; \
 	fi
+	@proxy/patches/apply.sh
 
 # With PROFILE=dev, build the way `cargo test` does (dev-dependencies change the feature set of
 # shared crates), so that `make test` and `make run PROFILE=dev` reuse one build.

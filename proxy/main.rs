@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 // floor has exactly sluice's build settings and allocator.
 #[path = "../benches/load/bare_proxy.rs"]
 mod bare_proxy;
+#[path = "../benches/load/flood.rs"]
+mod flood;
 #[path = "../benches/load/tls_client.rs"]
 mod tls_client;
 
@@ -79,8 +81,10 @@ enum BenchCmd {
     BareProxy(bare_proxy::Options),
     /// New TLS 1.3 connections per second against a server (JSON result on stdout).
     Handshakes(tls_client::HandshakeOptions),
-    /// Hold N idle keep-alive TLS connections open until stdin closes.
+    /// Hold N idle keep-alive connections (TLS, or plain with --plain) open until stdin closes.
     Idle(tls_client::IdleOptions),
+    /// Time the admin /healthz quiet, then with the proxy listener flooded (JSON on stdout).
+    Flood(flood::FloodOptions),
 }
 
 fn main() -> ExitCode {
@@ -107,6 +111,7 @@ fn main() -> ExitCode {
         Cmd::Bench(BenchCmd::BareProxy(o)) => bare_proxy::run(o),
         Cmd::Bench(BenchCmd::Handshakes(o)) => tls_client::handshakes(o),
         Cmd::Bench(BenchCmd::Idle(o)) => tls_client::idle(o),
+        Cmd::Bench(BenchCmd::Flood(o)) => flood::flood(o),
         Cmd::GenCert { cert, key, hosts } => gen_cert(&cert, &key, &hosts),
         Cmd::GeoipBuildDemo { out } => {
             if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {

@@ -391,3 +391,59 @@ fn h2_bodies_over_the_limit_get_413() {
         assert_eq!(resp.status().as_u16(), 413);
     });
 }
+
+#[test]
+fn admin_answers_under_a_connection_flood() {
+    raise_fd_limit();
+    let dir = tempdir();
+    let be = Backend::start(dir.path(), "b");
+    let (sluice, plain) = start(
+        dir.path(),
+        be.addr,
+        "max_connections_per_ip = 0\nheader_timeout = \"30s\"",
+    );
+    // 3,000 idle connections and 300 slowloris clients on the proxy listener...
+    let idle: Vec<TcpStream> = (0..3000)
+        .filter_map(|_| TcpStream::connect(plain).ok())
+        .collect();
+    assert!(idle.len() > 2900);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let slow = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut conns: Vec<TcpStream> = (0..300)
+                .filter_map(|_| TcpStream::connect(plain).ok())
+                .collect();
+            let head = b"GET / HTTP/1.1\r\nHost: t\r\nX-Slow: ";
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for c in conns.iter_mut() {
+                    let b = head.get(i).copied().unwrap_or(b'a');
+                    let _ = c.write_all(&[b]);
+                }
+                i += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    // ...while the probes are asked every 50 ms for 3 s
+    let mut worst = Duration::ZERO;
+    let mut answers = 0;
+    let end = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < end {
+        for path in ["/healthz", "/readyz"] {
+            let t = Instant::now();
+            let r = sluice.admin_get(path).map(|r| r.0);
+            worst = worst.max(t.elapsed());
+            assert_eq!(r, Some(200), "{path}");
+            answers += 1;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = slow.join();
+    println!("{answers} probe answers under the flood, slowest {worst:?}");
+    assert!(worst < Duration::from_secs(1), "slowest probe {worst:?}");
+    assert!(sluice.status()["connections"]["open"].as_u64() >= Some(3000));
+    drop(idle);
+}

@@ -9,15 +9,18 @@
 #   1. HTTP/1.1 keep-alive, 64 connections (wrk)
 #   2. TLS 1.3 + HTTP/2 (ALPN), 64 connections x 10 streams (h2load -m 10)
 #   3. new TLS 1.3 connections per second (sluice bench handshakes)
-#   4. RSS with 10,000 idle keep-alive TLS connections (sluice bench idle)
+#   4. connections: RSS per idle keep-alive connection, plain HTTP/1.1 and TLS (BENCH_IDLE of
+#      each, held open together: sluice bench idle), and the admin /healthz latency of sluice
+#      while its proxy listener holds BENCH_IDLE idle connections and 1,000 slowloris clients,
+#      against the same probes with nothing going on (sluice bench flood)
 #   5. latency at the same fixed load for everyone: HTTP/1.1, BENCH_RATE requests/s spread over
 #      64 connections (h2load --h1 --rps), p50 / p99
 #   6. sluice with every feature on (rate limit, geo, blue-green 50/50, metrics, access log to a
 #      file) against sluice with them off: rows `sluice` and `sluice-off` of 1, 2 and 5
 #
 # Environment: SLUICE_BIN (default target/release/sluice), BENCH_SECONDS (5), BENCH_ROUNDS (3),
-# BENCH_IDLE (10000), BENCH_RATE (3200), BENCH_OUT (benches/results), BENCH_ONLY (scenarios to
-# run, default "http1 h2tls fixed handshake idle"), SLUICE_BASE_BIN (another sluice build, run with every feature
+# BENCH_IDLE (5000), BENCH_RATE (3200), BENCH_OUT (benches/results), BENCH_ONLY (scenarios to
+# run, default "http1 h2tls fixed handshake conns"), SLUICE_BASE_BIN (another sluice build, run with every feature
 # on as row `sluice-base`: to compare a tuning change with what it replaces, in the same run).
 set -euo pipefail
 
@@ -25,7 +28,7 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 BIN=${SLUICE_BIN:-$ROOT/target/release/sluice}
 SECS=${BENCH_SECONDS:-5}
 ROUNDS=${BENCH_ROUNDS:-3}
-IDLE=${BENCH_IDLE:-10000}
+IDLE=${BENCH_IDLE:-5000}
 OUT=${BENCH_OUT:-$ROOT/benches/results}
 CONNS=64
 PROXY_CPU=0
@@ -35,7 +38,7 @@ chmod 755 "$WORK"
 RAW=$WORK/raw.tsv   # scenario proxy round rps p50_ms p99_ms errors
 : >"$RAW"
 
-ONLY=${BENCH_ONLY:-http1 h2tls fixed handshake idle}
+ONLY=${BENCH_ONLY:-http1 h2tls fixed handshake conns}
 RATE=${BENCH_RATE:-3200}
 PROXIES=(nginx haproxy bare sluice-off sluice)
 [ -n "${SLUICE_BASE_BIN:-}" ] && PROXIES+=(sluice-base)
@@ -63,7 +66,7 @@ for tool in nginx haproxy wrk h2load taskset curl; do
 done
 [ "$(nproc)" -ge 2 ] || die "needs 2 CPUs (proxy on one, load on the other)"
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
-[ "$(ulimit -n)" -gt $((IDLE + 2000)) ] || die "open-files limit $(ulimit -n) is too low for $IDLE idle connections (BENCH_IDLE)"
+[ "$(ulimit -n)" -gt $((2 * IDLE + 2000)) ] || die "open-files limit $(ulimit -n) is too low for $IDLE idle connections (BENCH_IDLE)"
 for port in 18000 "${PLAIN[@]}" "${TLS[@]}" 18904 18905 18906; do
 	if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then die "port $port is busy"; fi
 done
@@ -124,7 +127,7 @@ EOF
 cat >"$WORK/haproxy.cfg" <<EOF
 global
     nbthread 1
-    maxconn 10100
+    maxconn 15000
     # FD limit above the hard limit some sandboxes set (20000): warn, do not refuse to start
     no strict-limits
     ssl-default-bind-options ssl-min-ver TLSv1.3 no-tls-tickets
@@ -210,6 +213,10 @@ access_log = "$access"
 
 [admin]
 listen = "127.0.0.1:$4"
+
+[limits]
+# the idle-connection scenario holds thousands of connections from one address
+max_connections_per_ip = 0
 
 [tls]
 min_version = "1.3"
@@ -342,32 +349,54 @@ run_handshakes() { # proxy round
 		"$(sed -E 's/.*"errors": ([0-9]+).*/\1/' <<<"$j")" >>"$RAW"
 }
 
-run_idle() { # proxy round
-	local before after fifo="$WORK/idle-$1-$2.in" out="$WORK/idle-$1-$2.out" ready
-	before=$(rss "${PIDS[$1]}")
+# Opens BENCH_IDLE idle keep-alive connections to a port (one request each) and keeps them
+# open until stdin closes; prints the client's "ready N errors E" line.
+hold() { # name port flags...
+	local name=$1 port=$2 fifo="$WORK/hold-$1.in" out="$WORK/hold-$1.out"
+	shift 2
 	mkfifo "$fifo"
-	taskset -c $LOAD_CPU "$BIN" bench idle --target "127.0.0.1:${TLS[$1]}" --connections "$IDLE" <"$fifo" >"$out" 2>&1 &
-	local client=$!
-	exec 4>"$fifo"
+	taskset -c $LOAD_CPU "$BIN" bench idle --target "127.0.0.1:$port" --connections "$IDLE" "$@" <"$fifo" >"$out" 2>&1 &
+	HOLDERS+=($!)
+	exec {fd}>"$fifo"
+	FIFOS+=("$fd")
 	for _ in $(seq 1 1200); do
 		grep -q '^ready' "$out" 2>/dev/null && break
 		sleep 0.1
 	done
 	sleep 1
+}
+
+run_conns() { # proxy: plain connections, then TLS ones, held together (nothing freed between)
+	local before mid after fd pid ready
+	HOLDERS=() FIFOS=()
+	before=$(rss "${PIDS[$1]}")
+	hold "$1-plain" "${PLAIN[$1]}" --plain
+	mid=$(rss "${PIDS[$1]}")
+	hold "$1-tls" "${TLS[$1]}"
 	after=$(rss "${PIDS[$1]}")
-	ready=$(awk '/^ready/ {print $2, $4}' "$out")
-	exec 4>&-
-	wait $client || true
-	rm -f "$fifo"
-	local opened errors
-	read -r opened errors <<<"${ready:-0 $IDLE}"
-	# rps column: MiB with the connections open; p50: KiB per connection; p99: MiB before
-	printf 'idle\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" \
-		"$(awk -v a="$after" 'BEGIN {printf "%.1f", a / 1024}')" \
-		"$(awk -v a="$after" -v b="$before" -v n="$opened" 'BEGIN {printf "%.1f", n ? (a - b) / n : 0}')" \
-		"$(awk -v b="$before" 'BEGIN {printf "%.1f", b / 1024}')" \
-		$((errors + IDLE - opened)) >>"$RAW"
+	for fd in "${FIFOS[@]}"; do exec {fd}>&-; done
+	for pid in "${HOLDERS[@]}"; do wait "$pid" || true; done
+	rm -f "$WORK"/hold-"$1"-*.in
+	for kind in plain tls; do
+		ready=$(awk '/^ready/ {print $2, $4}' "$WORK/hold-$1-$kind.out")
+		local opened errors from to
+		read -r opened errors <<<"${ready:-0 $IDLE}"
+		if [ "$kind" = plain ]; then from=$before to=$mid; else from=$mid to=$after; fi
+		# rps column: MiB with the connections open; p50: KiB per connection; p99: MiB before
+		printf 'idle-%s\t%s\t1\t%s\t%s\t%s\t%s\n' "$kind" "$1" \
+			"$(awk -v a="$to" 'BEGIN {printf "%.1f", a / 1024}')" \
+			"$(awk -v a="$to" -v b="$from" -v n="$opened" 'BEGIN {printf "%.1f", n ? (a - b) / n : 0}')" \
+			"$(awk -v b="$from" 'BEGIN {printf "%.1f", b / 1024}')" \
+			$((errors + IDLE - opened)) >>"$RAW"
+	done
 	sleep 2 # let the proxy close them before the next one
+}
+
+run_flood() { # the admin probes of sluice under a connection flood
+	local j
+	j=$(taskset -c $LOAD_CPU "$BIN" bench flood --target "127.0.0.1:${PLAIN[sluice]}" --admin 127.0.0.1:18905 \
+		--connections "$IDLE" --slow 1000 --seconds "$SECS")
+	FLOOD_JSON=$j
 }
 
 log "warm-up"
@@ -382,9 +411,12 @@ for r in $(seq 1 "$ROUNDS"); do
 	if wants fixed; then for p in "${PROXIES[@]}"; do run_fixed "$p" "$r"; done; fi
 	if wants handshake; then for p in nginx haproxy sluice; do run_handshakes "$p" "$r"; done; fi
 done
-if wants idle; then
+FLOOD_JSON=""
+if wants conns; then
 	log "idle connections"
-	for p in nginx haproxy bare sluice; do run_idle "$p" 1; done
+	for p in nginx haproxy bare sluice; do run_conns "$p"; done
+	log "admin probes under a connection flood"
+	run_flood
 fi
 for p in "${PROXIES[@]}"; do
 	kill -0 "${PIDS[$p]}" 2>/dev/null || die "$p died during the run: $(tail -5 "$WORK/$p.err")"
@@ -464,15 +496,31 @@ cpu=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
 			"$(errors handshake "$p")" "$(ratio handshake "$p")"
 	done
 	echo
-	echo "## 4. Memory with $IDLE idle keep-alive TLS connections"
+	echo "## 4. Connections: memory per idle keep-alive connection, admin probes under a flood"
 	echo
-	echo "| proxy | RSS before MiB | RSS with connections MiB | KiB per connection | errors |"
-	echo "| --- | ---: | ---: | ---: | ---: |"
+	echo "$IDLE plain HTTP/1.1 connections, then $IDLE TLS 1.3 ones, each after one request, held open together"
+	echo "(RSS of the proxy's processes; KiB per connection = growth / connections)."
+	echo
+	echo "| proxy | RSS before MiB | KiB per plain connection | KiB per TLS connection | RSS with both MiB | errors |"
+	echo "| --- | ---: | ---: | ---: | ---: | ---: |"
 	for p in nginx haproxy bare sluice; do
-		printf '| %s | %s | %s | %s | %s |\n' "$p" "$(col idle "$p" 6 | median)" \
-			"$(col idle "$p" 4 | median)" "$(col idle "$p" 5 | median)" "$(errors idle "$p")"
+		printf '| %s | %s | %s | %s | %s | %s |\n' "$p" "$(col idle-plain "$p" 6 | median)" \
+			"$(col idle-plain "$p" 5 | median)" "$(col idle-tls "$p" 5 | median)" \
+			"$(col idle-tls "$p" 4 | median)" "$(( $(errors idle-plain "$p") + $(errors idle-tls "$p") ))"
 	done
 	echo
+	if [ -n "$FLOOD_JSON" ]; then
+		echo "sluice's admin \`GET /healthz\` (a new connection each, every 20 ms for ${SECS} s), quiet and then while its"
+		echo "proxy listener holds $IDLE idle connections and 1,000 slowloris clients (one byte every 500 ms):"
+		echo
+		echo "| | p50 ms | p99 ms | max ms | failed |"
+		echo "| --- | ---: | ---: | ---: | ---: |"
+		jv() { sed -E "s/.*\"$1\": ([0-9.]+).*/\1/" <<<"$FLOOD_JSON"; }
+		echo "| quiet | $(jv quiet_p50_ms) | $(jv quiet_p99_ms) | - | $(jv quiet_failed) |"
+		echo "| flooded ($(jv held) connections held) | $(jv flood_p50_ms) | $(jv flood_p99_ms) | $(jv flood_max_ms) | $(jv flood_failed) |"
+		echo "| flooded / quiet | $(awk -v a="$(jv flood_p50_ms)" -v b="$(jv quiet_p50_ms)" 'BEGIN {printf "%.2f", b > 0 ? a / b : 0}') | $(awk -v a="$(jv flood_p99_ms)" -v b="$(jv quiet_p99_ms)" 'BEGIN {printf "%.2f", b > 0 ? a / b : 0}') | | |"
+		echo
+	fi
 	echo "Raw measurements (scenario, proxy, round, req/s, p50 ms, p99 ms, errors):"
 	echo
 	echo '```'

@@ -279,8 +279,8 @@ mod tests {
     #[test]
     fn strict_chunks() {
         assert_eq!(check(b"5\r\nhello\r\n0\r\n\r\n"), Ok(15));
-        assert_eq!(check(b"5;a=b;c=\"d e\"\r\nhello\r\n0\r\n\r\nGET"), Ok(28));
-        assert_eq!(check(b"A\r\n0123456789\r\n0\r\nX-T: 1\r\n\r\n"), Ok(30));
+        assert_eq!(check(b"5;a=b;c=\"d e\"\r\nhello\r\n0\r\n\r\nGET"), Ok(27));
+        assert_eq!(check(b"A\r\n0123456789\r\n0\r\nX-T: 1\r\n\r\n"), Ok(28));
         assert_eq!(check(b"000\r\n\r\n"), Ok(7));
         for bad in [
             &b"5\nhello\r\n0\r\n\r\n"[..],

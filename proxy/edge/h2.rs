@@ -58,13 +58,17 @@ pub struct FrameHeader {
     pub stream: u32,
 }
 
+/// How much of each payload the scanner keeps: a SETTINGS frame of 8 settings, the error code
+/// of RST_STREAM and GOAWAY.
+pub const CAPTURE: usize = 48;
+
 /// Something the scanner saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
     /// A frame header, complete.
     Start(FrameHeader),
-    /// The end of a frame's payload, with its first bytes (up to 8).
-    End(FrameHeader, [u8; 8], u8),
+    /// The end of a frame's payload, with its first bytes (up to `CAPTURE`) and their count.
+    End(FrameHeader, [u8; CAPTURE], u8),
 }
 
 /// Follows the frame boundaries of one direction of an h2 byte stream.
@@ -76,7 +80,7 @@ pub struct Scanner {
     hdr_len: usize,
     cur: Option<FrameHeader>,
     left: u32,
-    cap: [u8; 8],
+    cap: [u8; CAPTURE],
     cap_len: u8,
 }
 
@@ -88,9 +92,14 @@ impl Scanner {
             hdr_len: 0,
             cur: None,
             left: 0,
-            cap: [0; 8],
+            cap: [0; CAPTURE],
             cap_len: 0,
         }
+    }
+
+    /// Between frames: nothing of a frame has gone by partially.
+    pub fn at_boundary(&self) -> bool {
+        self.skip == 0 && self.hdr_len == 0 && self.cur.is_none()
     }
 
     pub fn feed(&mut self, mut data: &[u8], on: &mut impl FnMut(Event)) {
@@ -117,7 +126,7 @@ impl Scanner {
                         };
                         self.hdr_len = 0;
                         self.left = f.len;
-                        self.cap = [0; 8];
+                        self.cap = [0; CAPTURE];
                         self.cap_len = 0;
                         on(Event::Start(f));
                         if f.len == 0 {
@@ -129,7 +138,7 @@ impl Scanner {
                 }
                 Some(f) => {
                     let n = (self.left as usize).min(data.len());
-                    let keep = (8 - usize::from(self.cap_len)).min(n);
+                    let keep = (CAPTURE - usize::from(self.cap_len)).min(n);
                     let at = usize::from(self.cap_len);
                     self.cap[at..at + keep].copy_from_slice(&data[..keep]);
                     self.cap_len += keep as u8;
@@ -168,6 +177,31 @@ struct Inbound {
     /// A header block is open (or the preface and first SETTINGS have not arrived).
     in_header: bool,
     violation: Option<&'static str>,
+    /// The highest stream the client opened (for a GOAWAY of ours).
+    last_stream: u32,
+    /// A framing error the `h2` crate would report with a less precise code: the code RFC 9113
+    /// asks for, which this watch sends itself.
+    frame_error: Option<(u32, &'static str)>,
+}
+
+const FRAME_SIZE_ERROR: u32 = 0x6;
+const FLOW_CONTROL_ERROR: u32 = 0x3;
+const WINDOW_UPDATE: u8 = 0x8;
+const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
+
+/// RFC 9113 §4.2/§6: frames whose payload has a fixed size (or a multiple of one), checked
+/// from the header alone.
+fn frame_size_error(f: &FrameHeader) -> Option<&'static str> {
+    match f.kind {
+        PING if f.len != 8 => Some("PING frame of the wrong size"),
+        SETTINGS if f.flags & ACK != 0 && f.len != 0 => Some("SETTINGS ACK with a payload"),
+        SETTINGS if !f.len.is_multiple_of(6) => Some("SETTINGS frame of the wrong size"),
+        RST_STREAM if f.len != 4 => Some("RST_STREAM frame of the wrong size"),
+        WINDOW_UPDATE if f.len != 4 => Some("WINDOW_UPDATE frame of the wrong size"),
+        PRIORITY if f.len != 5 => Some("PRIORITY frame of the wrong size"),
+        GOAWAY if f.len < 8 => Some("GOAWAY frame too short"),
+        _ => None,
+    }
 }
 
 impl Inbound {
@@ -180,6 +214,26 @@ impl Inbound {
             self.empty = 0;
             self.priority = 0;
         }
+        if let Event::Start(f) = e {
+            if let Some(why) = frame_size_error(&f) {
+                self.frame_error = self.frame_error.or(Some((FRAME_SIZE_ERROR, why)));
+            }
+        }
+        if let Event::End(f, cap, len) = e {
+            if f.kind == SETTINGS && f.flags & ACK == 0 {
+                let entries = &cap[..usize::from(len).min(CAPTURE / 6 * 6)];
+                for s in entries.chunks_exact(6) {
+                    let id = u16::from_be_bytes([s[0], s[1]]);
+                    let v = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
+                    if id == SETTINGS_INITIAL_WINDOW_SIZE && v > 0x7fff_ffff {
+                        self.frame_error = self.frame_error.or(Some((
+                            FLOW_CONTROL_ERROR,
+                            "initial window size over 2^31-1",
+                        )));
+                    }
+                }
+            }
+        }
         match e {
             Event::Start(f) => match f.kind {
                 PING if f.flags & ACK == 0 => self.pings += 1,
@@ -190,6 +244,7 @@ impl Inbound {
                 PRIORITY => self.priority += 1,
                 RST_STREAM => self.resets += 1,
                 HEADERS => {
+                    self.last_stream = self.last_stream.max(f.stream);
                     self.streams += 1;
                     self.continuations = 0;
                     self.in_header = true;
@@ -236,6 +291,8 @@ pub struct Watched {
     deadline: Option<Pin<Box<Sleep>>>,
     counters: Counters,
     cut: bool,
+    /// A GOAWAY of this watch's being written (bytes, how many went out).
+    goaway: Option<(Vec<u8>, usize)>,
 }
 
 impl std::fmt::Debug for Watched {
@@ -267,7 +324,23 @@ impl Watched {
             deadline: Some(Box::pin(tokio::time::sleep_until(preface_deadline))),
             counters,
             cut: false,
+            goaway: None,
         }
+    }
+
+    /// Writes the pending GOAWAY (if any) and flushes; `Ready` once done or failed.
+    fn drive_goaway(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some((bytes, written)) = self.goaway.as_mut() else {
+            return Poll::Ready(());
+        };
+        while *written < bytes.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &bytes[*written..]) {
+                Poll::Ready(Ok(n)) if n > 0 => *written += n,
+                Poll::Ready(_) => return Poll::Ready(()),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Pin::new(&mut self.inner).poll_flush(cx).map(|_| ())
     }
 
     fn cut(&mut self, why: &str) -> io::Error {
@@ -279,7 +352,7 @@ impl Watched {
     }
 }
 
-fn error_code(cap: &[u8; 8], len: u8, at: usize) -> Option<u32> {
+fn error_code(cap: &[u8; CAPTURE], len: u8, at: usize) -> Option<u32> {
     (usize::from(len) >= at + 4)
         .then(|| u32::from_be_bytes([cap[at], cap[at + 1], cap[at + 2], cap[at + 3]]))
 }
@@ -316,6 +389,23 @@ impl AsyncRead for Watched {
             this.counters.h2.inc();
             return Poll::Ready(Err(this.cut(why)));
         }
+        if let Some((code, why)) = client.frame_error {
+            // the bytes just read never reach the h2 server; the GOAWAY goes out between two
+            // of its frames, or not at all
+            this.counters.h2.inc();
+            if this.write.at_boundary() && this.goaway.is_none() {
+                let mut payload = client.last_stream.to_be_bytes().to_vec();
+                payload.extend(code.to_be_bytes());
+                let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+                f.extend([GOAWAY, 0, 0, 0, 0, 0]);
+                f.extend(payload);
+                this.goaway = Some((f, 0));
+            }
+            if this.drive_goaway(cx).is_pending() {
+                return Poll::Pending;
+            }
+            return Poll::Ready(Err(this.cut(why)));
+        }
         match (was_in_header, client.in_header) {
             (_, false) => this.deadline = None,
             (false, true) => {
@@ -336,6 +426,13 @@ impl AsyncWrite for Watched {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
+        if this.goaway.is_some() {
+            // the connection ends with this watch's GOAWAY: nothing of h2's follows it
+            return match this.drive_goaway(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(()) => Poll::Ready(Err(this.cut("cut"))),
+            };
+        }
         let n = match Pin::new(&mut this.inner).poll_write(cx, buf) {
             Poll::Ready(Ok(n)) => n,
             other => return other,
@@ -405,7 +502,11 @@ mod tests {
                     flags: 0,
                     stream: 1
                 },
-                [0, 0, 0, 8, 0, 0, 0, 0],
+                {
+                    let mut c = [0; CAPTURE];
+                    c[3] = 8;
+                    c
+                },
                 4
             )
         );

@@ -110,7 +110,9 @@ use crate::state::Shared;
 use conns::{Conns, Refusal};
 
 /// A request head is read into a buffer of this size first (grown up to `max_header_bytes`).
-const HEAD_BUF: usize = 4096;
+/// It is allocated when the wait for a request starts, so an idle keep-alive connection holds
+/// it: small, at the price of a second read for heads longer than this.
+const HEAD_BUF: usize = 2048;
 
 /// One listener's runtime handles.
 struct ListenerRt {
@@ -320,8 +322,8 @@ enum HeadWait {
 
 /// Waits for the next request head: at most `idle` for its first byte, then until `deadline`
 /// (if given, else `header_timeout` from the first byte) for the rest, at most `max` bytes.
-/// Nothing is allocated until the first byte is readable... except the read buffer itself,
-/// which is allocated when the wait starts (4 KiB; pingora would allocate the same).
+/// While it waits, the connection holds its socket, this small future and the read buffer
+/// (`HEAD_BUF`).
 async fn read_head(
     stream: &mut Stream,
     idle_until: Instant,
@@ -583,7 +585,10 @@ impl ServerApp for Edge {
         let stream: Stream = if listener.tls {
             let acceptor =
                 &self.acceptors.as_ref()?.by[usize::from(listener.http2)][usize::from(tls13)];
-            match tokio::time::timeout_at(deadline, acceptor.tls_handshake(l4)).await {
+            // boxed: the handshake's state (rustls' in-flight connection) is large and needed
+            // only now; inline it would stay in this connection's future for its whole life
+            let handshake = Box::pin(acceptor.tls_handshake(l4));
+            match tokio::time::timeout_at(deadline, handshake).await {
                 Ok(Ok(s)) => Box::new(s),
                 Ok(Err(e)) => {
                     log::debug!("TLS handshake failed: {e}");
@@ -598,7 +603,7 @@ impl ServerApp for Edge {
             Box::new(l4)
         };
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            return self.serve_h2(stream, accepted, shutdown).await;
+            return Box::pin(self.serve_h2(stream, accepted, shutdown)).await;
         }
         self.serve_h1(stream, accepted, listener, shutdown).await
     }

@@ -2,6 +2,8 @@
 //! readiness waits instead of sleeps, and processes killed by PID when a test ends.
 #![allow(dead_code)]
 
+pub mod h2raw;
+
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
