@@ -219,6 +219,45 @@ fn streams_over_the_limit_are_refused() {
 }
 
 #[test]
+fn header_lists_over_max_header_bytes_are_refused() {
+    let s = start("max_header_bytes = 8192");
+    let mut c = Raw::open(s.plain, &[]);
+    let block = [get_block("/"), long_literal("x-big", &"a".repeat(10_000))].concat();
+    let (first, rest) = block.split_at(8000);
+    let mut b = frame(HEADERS, END_STREAM, 1, first);
+    b.extend(frame(CONTINUATION, END_HEADERS, 1, rest));
+    assert!(c.send(&b));
+    let got = c.outcome(Duration::from_secs(3));
+    // the h2 crate answers 431 itself, or resets the stream: never a response from upstream
+    assert!(
+        matches!(
+            got,
+            Outcome::Reset(1, _)
+                | Outcome::Goaway(_)
+                | Outcome::Closed
+                | Outcome::Response(1, Some(431))
+        ),
+        "{got:?}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(2), || s
+            .sluice
+            .metric("sluice_limit_hits_total{limit=\"header_bytes\"}")
+            == Some(1.0)),
+        "counted"
+    );
+    // under the limit is fine
+    let mut c = Raw::open(s.plain, &[]);
+    let block = [get_block("/"), long_literal("x-big", &"a".repeat(6_000))].concat();
+    assert!(c.send(&frame(HEADERS, END_STREAM | END_HEADERS, 1, &block)));
+    assert_eq!(
+        c.outcome(Duration::from_secs(3)),
+        Outcome::Response(1, Some(200))
+    );
+    s.others_served();
+}
+
+#[test]
 fn ping_and_settings_floods_close_the_connection() {
     let s = start("");
     for (kind, payload) in [(PING, vec![0u8; 8]), (SETTINGS, vec![0, 3, 0, 0, 0, 100])] {

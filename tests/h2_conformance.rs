@@ -366,7 +366,7 @@ blue = ["p"]
             (Want::Conn(code), Outcome::Goaway(c)) => c == code,
             (Want::Stream(code), Outcome::Reset(_, c))
             | (Want::Stream(code), Outcome::Goaway(c)) => c == code,
-            (Want::Ok, Outcome::Response(1)) => true,
+            (Want::Ok, Outcome::Response(1, Some(200))) => true,
             _ => false,
         };
         if !ok {

@@ -518,7 +518,7 @@ cpu=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
 		jv() { sed -E "s/.*\"$1\": ([0-9.]+).*/\1/" <<<"$FLOOD_JSON"; }
 		echo "| quiet | $(jv quiet_p50_ms) | $(jv quiet_p99_ms) | - | $(jv quiet_failed) |"
 		echo "| flooded ($(jv held) connections held) | $(jv flood_p50_ms) | $(jv flood_p99_ms) | $(jv flood_max_ms) | $(jv flood_failed) |"
-		echo "| flooded / quiet | $(awk -v a="$(jv flood_p50_ms)" -v b="$(jv quiet_p50_ms)" 'BEGIN {printf "%.2f", b > 0 ? a / b : 0}') | $(awk -v a="$(jv flood_p99_ms)" -v b="$(jv quiet_p99_ms)" 'BEGIN {printf "%.2f", b > 0 ? a / b : 0}') | | |"
+		echo "| flooded / quiet | $(awk -v a="$(jv flood_p50_ms)" -v b="$(jv quiet_p50_ms)" 'BEGIN {printf "%.2f", (b > 0 ? a / b : 0)}') | $(awk -v a="$(jv flood_p99_ms)" -v b="$(jv quiet_p99_ms)" 'BEGIN {printf "%.2f", (b > 0 ? a / b : 0)}') | | |"
 		echo
 	fi
 	echo "Raw measurements (scenario, proxy, round, req/s, p50 ms, p99 ms, errors):"

@@ -161,6 +161,20 @@ pub struct Counters {
     pub h2: IntCounter,
     /// `sluice_limit_hits_total{limit="header_timeout"}`
     pub header_timeout: IntCounter,
+    /// `sluice_limit_hits_total{limit="header_bytes"}`
+    pub header_bytes: IntCounter,
+}
+
+/// Whether an outgoing HEADERS block starts with `:status: 431`, as the h2 crate sends it when a
+/// request's header list is over `max_header_list_size` (a literal of the static `:status`
+/// name, Huffman-coded or not). A later 431 on the same connection may come as an index into
+/// the encoder's dynamic table instead, and is then not seen.
+fn is_431(block: &[u8]) -> bool {
+    matches!(
+        block,
+        [0x48 | 0x08 | 0x18, 0x83, 0x69, 0x90, 0xff, ..]
+            | [0x48 | 0x08 | 0x18, 0x03, b'4', b'3', b'1', ..]
+    )
 }
 
 /// The client's behaviour so far.
@@ -437,10 +451,13 @@ impl AsyncWrite for Watched {
             Poll::Ready(Ok(n)) => n,
             other => return other,
         };
-        let counter = &this.counters.h2;
+        let (counter, oversize) = (&this.counters.h2, &this.counters.header_bytes);
         this.write.feed(&buf[..n], &mut |e| {
             // the h2 crate refused something of the client's: a stream or the connection
             if let Event::End(f, cap, len) = e {
+                if f.kind == HEADERS && is_431(&cap[..usize::from(len)]) {
+                    oversize.inc();
+                }
                 let code = match f.kind {
                     RST_STREAM => error_code(&cap, len, 0),
                     GOAWAY => error_code(&cap, len, 4),

@@ -135,6 +135,36 @@ fn absolute_authority(target: &[u8]) -> Option<Result<&[u8], Reject>> {
     Some(Ok(authority))
 }
 
+/// The lines of a head, each checked to end in CRLF with no CR or LF inside.
+struct Lines<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for Lines<'a> {
+    type Item = Result<&'a [u8], Reject>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        let Some(nl) = memchr::memchr(b'\n', self.rest) else {
+            self.rest = &[];
+            return Some(Err(bad("the head does not end with an empty line")));
+        };
+        if nl == 0 || self.rest[nl - 1] != b'\r' {
+            self.rest = &[];
+            return Some(Err(bad("bare LF (lines must end with CRLF)")));
+        }
+        let line = &self.rest[..nl - 1];
+        self.rest = &self.rest[nl + 1..];
+        if memchr::memchr(b'\r', line).is_some() {
+            self.rest = &[];
+            return Some(Err(bad("bare CR")));
+        }
+        Some(Ok(line))
+    }
+}
+
 /// What `check` learned about a head that passed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Head {
@@ -147,29 +177,19 @@ pub struct Head {
 /// lines). `Err` is the answer to send before closing the connection.
 pub fn check(head: &[u8]) -> Result<Head, Reject> {
     // every line ends in CRLF; CR and LF appear nowhere else
-    let mut lines = Vec::with_capacity(16);
-    let mut start = 0;
-    while start < head.len() {
-        let Some(off) = memchr::memchr(b'\n', &head[start..]) else {
-            return Err(bad("the head does not end with an empty line"));
-        };
-        let nl = start + off;
-        if nl == start || head[nl - 1] != b'\r' {
-            return Err(bad("bare LF (lines must end with CRLF)"));
-        }
-        let line = &head[start..nl - 1];
-        if memchr::memchr(b'\r', line).is_some() {
-            return Err(bad("bare CR"));
-        }
-        lines.push(line);
-        start = nl + 1;
+    // every line ends in CRLF; CR and LF appear nowhere else; the last line is empty
+    if !head.ends_with(b"\r\n\r\n") {
+        return Err(bad(if head.ends_with(b"\n\n") {
+            "bare LF (lines must end with CRLF)"
+        } else {
+            "the head does not end with an empty line"
+        }));
     }
-    if lines.last() != Some(&&b""[..]) {
-        return Err(bad("the head does not end with an empty line"));
-    }
-    lines.pop();
-    let Some((request_line, fields)) = lines.split_first() else {
-        return Err(bad("no request line"));
+    let mut lines = Lines { rest: head };
+    let request_line = match lines.next() {
+        Some(Ok(l)) if !l.is_empty() => l,
+        Some(Err(r)) => return Err(r),
+        _ => return Err(bad("no request line")),
     };
 
     // method SP request-target SP HTTP-version
@@ -211,16 +231,22 @@ pub fn check(head: &[u8]) -> Result<Head, Reject> {
         },
     };
 
-    if fields.len() > MAX_FIELDS {
-        return Err(Reject {
-            status: 431,
-            reason: "too many header fields",
-        });
-    }
     let mut host: Option<&[u8]> = None;
     let mut content_length: Option<&[u8]> = None;
     let mut transfer_encoding: Option<&[u8]> = None;
-    for f in fields {
+    let mut count = 0;
+    for f in lines {
+        let f = f?;
+        if f.is_empty() {
+            break; // the end of the head (`ends_with` above: nothing follows)
+        }
+        count += 1;
+        if count > MAX_FIELDS {
+            return Err(Reject {
+                status: 431,
+                reason: "too many header fields",
+            });
+        }
         if matches!(f.first(), Some(b' ' | b'\t')) {
             return Err(bad("obsolete line folding"));
         }

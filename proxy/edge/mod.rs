@@ -528,6 +528,7 @@ impl Edge {
             h2::Counters {
                 h2: self.hits.h2.clone(),
                 header_timeout: self.hits.header_timeout.clone(),
+                header_bytes: self.hits.header_bytes.clone(),
             },
         );
         let proxy = self.proxy(&limits);

@@ -154,8 +154,8 @@ pub enum Outcome {
     Goaway(u32),
     /// A stream error: RST_STREAM on this stream with this code.
     Reset(u32, u32),
-    /// A response HEADERS frame on this stream.
-    Response(u32),
+    /// A response HEADERS frame on this stream, with its status when it could be read.
+    Response(u32, Option<u16>),
     /// Closed without a GOAWAY.
     Closed,
     /// Nothing within the wait.
@@ -173,7 +173,9 @@ impl Raw {
                 match f.kind {
                     GOAWAY => return Outcome::Goaway(code(&f)),
                     RST_STREAM => return Outcome::Reset(f.stream, code(&f)),
-                    HEADERS if f.stream > 0 => return Outcome::Response(f.stream),
+                    HEADERS if f.stream > 0 => {
+                        return Outcome::Response(f.stream, status_of(&f.payload))
+                    }
                     _ => {}
                 }
             }
@@ -183,4 +185,77 @@ impl Raw {
         }
         Outcome::Silent
     }
+}
+
+/// An HPACK integer with an `n`-bit prefix (RFC 7541 §5.1), the prefix's other bits in `first`.
+pub fn hpack_int(first: u8, n: u32, mut v: usize) -> Vec<u8> {
+    let max = (1usize << n) - 1;
+    if v < max {
+        return vec![first | v as u8];
+    }
+    let mut out = vec![first | max as u8];
+    v -= max;
+    while v >= 128 {
+        out.push((v % 128) as u8 | 0x80);
+        v /= 128;
+    }
+    out.push(v as u8);
+    out
+}
+
+/// A literal header field without indexing, new name, any length.
+pub fn long_literal(name: &str, value: &str) -> Vec<u8> {
+    let mut b = vec![0x00];
+    b.extend(hpack_int(0, 7, name.len()));
+    b.extend(name.as_bytes());
+    b.extend(hpack_int(0, 7, value.len()));
+    b.extend(value.as_bytes());
+    b
+}
+
+/// The `:status` of a response header block, when it comes first (as servers send it):
+/// indexed (static entries 8-14) or a literal with the static name 8.
+pub fn status_of(block: &[u8]) -> Option<u16> {
+    match block.first()? {
+        0x88 => Some(200),
+        0x89 => Some(204),
+        0x8a => Some(206),
+        0x8b => Some(304),
+        0x8c => Some(400),
+        0x8d => Some(404),
+        0x8e => Some(500),
+        0x48 | 0x08 | 0x18 => match *block.get(1)? {
+            3 => std::str::from_utf8(block.get(2..5)?).ok()?.parse().ok(),
+            n if n & 0x80 != 0 => huffman_digits(block.get(2..2 + usize::from(n & 0x7f))?),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Decodes a Huffman-coded (RFC 7541 Appendix B) string of decimal digits.
+fn huffman_digits(b: &[u8]) -> Option<u16> {
+    let bits: Vec<u8> = b
+        .iter()
+        .flat_map(|x| (0..8).rev().map(move |i| (x >> i) & 1))
+        .collect();
+    let (mut i, mut out) = (0, 0u16);
+    while i + 5 <= bits.len() {
+        let v5 = bits[i..i + 5].iter().fold(0, |a, b| a << 1 | b);
+        let digit = if v5 <= 2 {
+            i += 5;
+            v5
+        } else if i + 6 <= bits.len() {
+            let v6 = bits[i..i + 6].iter().fold(0, |a, b| a << 1 | b);
+            if !(0b011001..=0b011111).contains(&v6) {
+                break; // padding (all ones) or not a digit
+            }
+            i += 6;
+            v6 - 0b011001 + 3
+        } else {
+            break;
+        };
+        out = out * 10 + u16::from(digit);
+    }
+    Some(out)
 }
