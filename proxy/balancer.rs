@@ -13,6 +13,7 @@ const MAX_CYCLE: usize = 64 * 1024;
 pub struct SmoothRoundRobin {
     cycle: Vec<u32>,
     next: AtomicUsize,
+    weights: Vec<u32>,
 }
 
 fn gcd(a: u32, b: u32) -> u32 {
@@ -57,7 +58,13 @@ impl SmoothRoundRobin {
         SmoothRoundRobin {
             cycle,
             next: AtomicUsize::new(0),
+            weights: weights.to_vec(),
         }
+    }
+
+    /// The weights it was made with, in backend order.
+    pub fn weights(&self) -> &[u32] {
+        &self.weights
     }
 
     /// The next backend index, or `None` for an empty pool.
@@ -65,20 +72,18 @@ impl SmoothRoundRobin {
         self.next_where(|_| true)
     }
 
-    /// The next backend index for which `usable` holds, walking at most one cycle.
+    /// The next backend index for which `usable` holds, walking at most one cycle. One atomic
+    /// increment picks the starting point; the walk from there is this caller's own, so
+    /// concurrent callers cannot make each other skip a usable backend.
     pub fn next_where(&self, usable: impl Fn(usize) -> bool) -> Option<usize> {
         let len = self.cycle.len();
         if len == 0 {
             return None;
         }
-        for _ in 0..len {
-            let i = self.next.fetch_add(1, Ordering::Relaxed) % len;
-            let b = self.cycle[i] as usize;
-            if usable(b) {
-                return Some(b);
-            }
-        }
-        None
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % len;
+        (0..len)
+            .map(|k| self.cycle[(start + k) % len] as usize)
+            .find(|b| usable(*b))
     }
 }
 
@@ -114,6 +119,20 @@ mod tests {
     fn large_weights_are_reduced() {
         let rr = SmoothRoundRobin::new(&[1000, 500]);
         assert_eq!(counts(&rr, 300, 2), vec![200, 100]);
+    }
+
+    #[test]
+    fn concurrent_callers_always_find_a_usable_backend() {
+        let rr = std::sync::Arc::new(SmoothRoundRobin::new(&[1, 1]));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let rr = rr.clone();
+                std::thread::spawn(move || {
+                    (0..100_000).all(|_| rr.next_where(|b| b == 0) == Some(0))
+                })
+            })
+            .collect();
+        assert!(threads.into_iter().all(|t| t.join().expect("thread")));
     }
 
     #[test]
