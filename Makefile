@@ -51,8 +51,18 @@ run: build
 	trap 'kill -TERM $${pids[3]} 2>/dev/null; wait $${pids[3]} 2>/dev/null; kill $${pids[@]} 2>/dev/null; wait 2>/dev/null' INT TERM EXIT; \
 	wait $${pids[3]}
 
-# kubectl renders deploy/ in tests/deploy.rs (skipped without it): installed when apt has it.
+# Real servers the tests start on loopback ports, installed with apt when missing: dnsmasq (DNS
+# discovery, tests/discovery.rs). kubectl renders deploy/ in tests/deploy.rs (skipped without it).
+TEST_TOOLS := dnsmasq:dnsmasq-base
 test-deps:
+	@missing=""; \
+	for t in $(TEST_TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing (the tests start it)"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
+	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; } \
+	    || { echo "error: could not install$$missing, which the tests need: install it by hand"; exit 1; }; \
+	fi
 	@if ! command -v kubectl >/dev/null && command -v apt-get >/dev/null; then \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
 	  echo "installing kubectl (for tests/deploy.rs)"; \

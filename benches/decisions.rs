@@ -3,6 +3,10 @@
 //! snapshot load. The geo decision and the rate-limit check have their own benches (`geo`,
 //! `limiter`).
 //!
+//! The backend pick is measured on a pool of `ip:port` backends and on a pool of the same size
+//! given by DNS name (members from the resolver's answer): the request path is the same code,
+//! and the ratio between the two shows it.
+//!
 //! `cargo bench --bench decisions`
 
 use std::collections::HashMap;
@@ -14,9 +18,11 @@ use arc_swap::ArcSwap;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::HeaderMap;
 use sluice::config::Sticky;
+use sluice::config::Target;
+use sluice::discovery::{Discovery, Member};
 use sluice::health;
 use sluice::metrics::{code_class, Metrics};
-use sluice::snapshot::Snapshot;
+use sluice::snapshot::{Registries, Snapshot};
 use sluice::traffic::{sticky, Traffic};
 
 #[global_allocator]
@@ -36,6 +42,9 @@ backends = ["127.0.0.1:20", "127.0.0.1:21"]
 [[pool]]
 name = "api"
 backends = ["127.0.0.1:30"]
+[[pool]]
+name = "named"
+backends = ["app.test:80"]
 [[route]]
 name = "api"
 hosts = ["*.example.com"]
@@ -56,6 +65,10 @@ weights = { blue = 90, green = 10 }
 name = "any"
 hosts = ["*"]
 blue = ["blue"]
+[[route]]
+name = "by-name"
+hosts = ["named.test"]
+blue = ["named"]
 "#;
 
 fn decisions(c: &mut Criterion) {
@@ -71,8 +84,31 @@ fn decisions(c: &mut Criterion) {
         metrics.shift_rollbacks.clone(),
     );
     traffic.apply_config(&config);
+    // the named pool's members, as a resolver would have answered
+    let discovery = Discovery::new(metrics.dns_resolutions.clone());
+    let target = Target::Name {
+        host: "app.test".into(),
+        port: 80,
+    };
+    let answer = (1..=4)
+        .map(|i| Member {
+            address: format!("10.0.0.{i}:80").parse().expect("addr"),
+            weight: 1,
+            host: Some("app.test".into()),
+            late: false,
+        })
+        .collect();
+    discovery.record("named", &target, Ok(answer));
     let snap = Arc::new(Snapshot::build(
-        config, 1, &metrics, &health, &limits, &traffic,
+        Arc::new(config),
+        1,
+        &Registries {
+            metrics: &metrics,
+            health: &health,
+            limits: &limits,
+            traffic: &traffic,
+            discovery: &discovery,
+        },
     ));
     let swap = ArcSwap::from(snap.clone());
     let reference: HashMap<u128, u64> = (0..100_000u128).map(|i| (i, 0)).collect();
@@ -141,6 +177,11 @@ fn decisions(c: &mut Criterion) {
     let pool = &snap.pools[0];
     g.bench_function("backend pick (4 backends, smooth WRR + health)", |b| {
         b.iter(|| black_box(pool.pick(black_box(0), &clock).ok()))
+    });
+    let named = &snap.pools[3];
+    assert_eq!(named.backends.len(), 4, "the named pool has its members");
+    g.bench_function("backend pick (4 members of a DNS name)", |b| {
+        b.iter(|| black_box(named.pick(black_box(0), &clock).ok()))
     });
     let route = &snap.routes[2];
     let mut status = 200u16;

@@ -64,14 +64,16 @@ pub fn status_json(shared: &Shared) -> Value {
         .iter()
         .zip(&snap.pools)
         .map(|(p, rt)| {
-            json!({
+            let mut pool = json!({
                 "name": p.name,
                 "region": p.region,
-                "backends": p.backends.iter().zip(&rt.backends).map(|(b, r)| {
+                "members": rt.backends.len(),
+                "backends": rt.backends.iter().zip(rt.rr.weights()).map(|(r, w)| {
                     let v = r.health.view();
                     json!({
-                        "address": b.address.to_string(),
-                        "weight": b.weight,
+                        "address": r.address.to_string(),
+                        "name": r.host,
+                        "weight": w,
                         "healthy": v.usable,
                         "state": v.state,
                         "ejected_until": v.ejected_until
@@ -79,7 +81,12 @@ pub fn status_json(shared: &Shared) -> Value {
                         "reason": v.reason,
                     })
                 }).collect::<Vec<_>>(),
-            })
+            });
+            let names = shared.discovery.view(&p.name);
+            if let (false, Some(obj)) = (names.is_empty(), pool.as_object_mut()) {
+                obj.insert("names".into(), Value::from(names));
+            }
+            pool
         })
         .collect();
     json!({

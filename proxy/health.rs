@@ -19,11 +19,14 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Eject, HealthCheck};
 use crate::metrics::Metrics;
-use crate::state::Shared;
+use crate::snapshot::Snapshot;
 
 const UNKNOWN: u8 = 0;
 const HEALTHY: u8 = 1;
 const UNHEALTHY: u8 = 2;
+/// Not probed yet, and out of rotation until a probe succeeds (a member that joined a named
+/// pool after its first answer).
+const PENDING: u8 = 3;
 
 /// Milliseconds on a monotonic clock shared by every backend.
 #[derive(Clone, Copy)]
@@ -76,7 +79,8 @@ pub struct View {
 impl BackendHealth {
     /// In rotation: not ejected and not failing its active checks.
     pub fn usable(&self) -> bool {
-        !self.ejected.load(Relaxed) && self.probe_state.load(Relaxed) != UNHEALTHY
+        !self.ejected.load(Relaxed)
+            && !matches!(self.probe_state.load(Relaxed), UNHEALTHY | PENDING)
     }
 
     pub fn down_since_ms(&self) -> u64 {
@@ -165,9 +169,18 @@ impl BackendHealth {
                 );
             }
             let state = self.probe_state.load(Relaxed);
-            if state == UNKNOWN || (state == UNHEALTHY && streak >= check.healthy_after) {
+            if state == UNKNOWN
+                || state == PENDING
+                || (state == UNHEALTHY && streak >= check.healthy_after)
+            {
                 self.probe_state.store(HEALTHY, Relaxed);
-                if state == UNHEALTHY {
+                if state == PENDING {
+                    log::info!(
+                        "backend {} of pool {} passed its first probe: in rotation",
+                        self.address,
+                        self.pool
+                    );
+                } else if state == UNHEALTHY {
                     log::info!(
                         "backend {} of pool {} healthy again",
                         self.address,
@@ -201,6 +214,7 @@ impl BackendHealth {
                 (true, _) => "ejected",
                 (_, UNHEALTHY) => "unhealthy",
                 (_, HEALTHY) => "healthy",
+                (_, PENDING) => "pending",
                 _ => "unknown",
             },
             ejected_until: ejected.then(|| self.clock.wall(self.ejected_until.load(Relaxed))),
@@ -235,19 +249,26 @@ impl Registry {
         self.clock
     }
 
-    /// The health of `address` in `pool`, created (unknown, in rotation) on first use.
-    pub fn get(&self, pool: &str, address: SocketAddr, metrics: &Metrics) -> Arc<BackendHealth> {
+    /// The health of `address` in `pool`, created on first use: unknown and in rotation, or
+    /// (`pending`) out of rotation until its first good probe.
+    pub fn get(
+        &self,
+        pool: &str,
+        address: SocketAddr,
+        pending: bool,
+        metrics: &Metrics,
+    ) -> Arc<BackendHealth> {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         map.entry((pool.to_string(), address))
             .or_insert_with(|| {
                 let b = address.to_string();
                 let gauge = metrics.backend_healthy.with_label_values(&[pool, &b]);
-                gauge.set(1);
+                gauge.set(i64::from(!pending));
                 Arc::new(BackendHealth {
                     pool: pool.to_string(),
                     address,
                     clock: self.clock,
-                    probe_state: AtomicU8::new(UNKNOWN),
+                    probe_state: AtomicU8::new(if pending { PENDING } else { UNKNOWN }),
                     ok_streak: AtomicU32::new(0),
                     fail_streak: AtomicU32::new(0),
                     ejected: AtomicBool::new(false),
@@ -364,9 +385,10 @@ pub struct ProbeTarget {
 }
 
 /// Probes every backend of the current snapshot, each on its own task (a hung backend delays
-/// nobody else), following reloads.
+/// nobody else), following reloads and changes of the pools' members.
 pub struct Prober {
-    pub shared: Arc<Shared>,
+    /// The snapshot serving now.
+    pub current: Arc<dyn Fn() -> Arc<Snapshot> + Send + Sync>,
 }
 
 #[async_trait]
@@ -375,11 +397,11 @@ impl BackgroundService for Prober {
         // (pool, address) -> (check, task)
         let mut tasks: HashMap<(String, SocketAddr), (HealthCheck, JoinHandle<()>)> =
             HashMap::new();
-        let mut seen_generation = 0;
+        let mut seen: Option<Arc<Snapshot>> = None;
         loop {
-            let snap = self.shared.snapshot();
-            if snap.generation != seen_generation {
-                seen_generation = snap.generation;
+            let snap = (self.current)();
+            if !seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, &snap)) {
+                seen = Some(snap.clone());
                 let mut want = HashSet::new();
                 for t in snap.probe_targets() {
                     let key = (t.health.pool.clone(), t.address);
@@ -439,7 +461,7 @@ mod tests {
     use super::*;
 
     fn backend(reg: &Registry, m: &Metrics, port: u16) -> Arc<BackendHealth> {
-        reg.get("p", SocketAddr::from(([127, 0, 0, 1], port)), m)
+        reg.get("p", SocketAddr::from(([127, 0, 0, 1], port)), false, m)
     }
 
     #[test]

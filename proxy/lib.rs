@@ -8,6 +8,7 @@ pub mod balancer;
 pub mod client_ip;
 pub mod config;
 pub mod demo_backend;
+pub mod discovery;
 pub mod edge;
 pub mod gateway;
 pub mod geo;

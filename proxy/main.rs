@@ -95,7 +95,12 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Run { config } => sluice::server::run(&config),
         Cmd::Check { config } => match sluice::config::load(&config) {
-            Ok(_) => {
+            Ok(cfg) => {
+                // backends given by name: a name that does not resolve (yet) is worth a
+                // warning, not a failure (its pool serves once it does)
+                for w in sluice::discovery::check_names(&cfg) {
+                    eprintln!("{}: warning: {w}", config.display());
+                }
                 println!("{}: ok", config.display());
                 Ok(())
             }

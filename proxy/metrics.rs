@@ -51,6 +51,10 @@ pub struct Metrics {
     pub limit_hits: IntCounterVec,
     /// `status`: request heads refused before they reached the proxy (malformed, ambiguous)
     pub bad_requests: IntCounterVec,
+    /// `pool`: members now (its addresses and what its names resolved to)
+    pub pool_members: IntGaugeVec,
+    /// `pool`, `result` = ok / error: DNS resolutions of the pool's names
+    pub dns_resolutions: IntCounterVec,
 }
 
 impl Metrics {
@@ -160,6 +164,22 @@ impl Metrics {
             ),
             &["status"],
         )?;
+        let pool_members = IntGaugeVec::new(
+            Opts::new(
+                "sluice_pool_members",
+                "Backends in a pool now: its addresses and what its names resolve to",
+            ),
+            &["pool"],
+        )?;
+        let dns_resolutions = IntCounterVec::new(
+            Opts::new(
+                "sluice_dns_resolutions_total",
+                "DNS resolutions of a pool's backend names, by result",
+            ),
+            &["pool", "result"],
+        )?;
+        registry.register(Box::new(pool_members.clone()))?;
+        registry.register(Box::new(dns_resolutions.clone()))?;
         registry.register(Box::new(connections_refused.clone()))?;
         registry.register(Box::new(limit_hits.clone()))?;
         registry.register(Box::new(bad_requests.clone()))?;
@@ -194,6 +214,8 @@ impl Metrics {
             connections_refused,
             limit_hits,
             bad_requests,
+            pool_members,
+            dns_resolutions,
         })
     }
 

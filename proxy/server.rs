@@ -96,10 +96,28 @@ pub fn run(config_path: &Path) -> Result<(), String> {
     admin.add_tcp(&admin_addr.to_string());
     server.add_service(admin);
 
+    let current = {
+        let s = shared.clone();
+        Arc::new(move || s.snapshot())
+    };
     server.add_service(background_service(
         "health checks",
         crate::health::Prober {
-            shared: shared.clone(),
+            current: current.clone(),
+        },
+    ));
+    server.add_service(background_service(
+        "dns discovery",
+        crate::discovery::Resolve {
+            discovery: shared.discovery.clone(),
+            config: {
+                let s = shared.clone();
+                Arc::new(move || s.snapshot().config.clone())
+            },
+            rebuild: {
+                let s = shared.clone();
+                Arc::new(move || s.refresh_members())
+            },
         },
     ));
     server.add_service(background_service(

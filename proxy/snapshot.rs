@@ -9,7 +9,8 @@ use pingora::upstreams::peer::HttpPeer;
 use prometheus::{Histogram, IntCounter};
 
 use crate::balancer::SmoothRoundRobin;
-use crate::config::{Config, Eject, HealthCheck, Listener, RouteLimit, Sticky};
+use crate::config::{Config, Eject, HealthCheck, Listener, Resolver, RouteLimit, Sticky, Target};
+use crate::discovery::{Discovery, Member};
 use crate::geo::{GeoDb, Site};
 use crate::health::{self, BackendHealth, Clock, ProbeTarget};
 use crate::metrics::{Metrics, CODE_CLASSES};
@@ -25,7 +26,8 @@ const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
 pub struct Snapshot {
     pub generation: u64,
     pub loaded_at: SystemTime,
-    pub config: Config,
+    /// Shared with later snapshots of the same generation (a pool's members changed).
+    pub config: Arc<Config>,
     pub router: Router,
     pub routes: Vec<RouteRt>,
     pub pools: Vec<PoolRt>,
@@ -77,6 +79,7 @@ impl RouteRt {
 
 pub struct PoolRt {
     pub name: String,
+    /// The pool's members now: its `ip:port` backends and what its names resolved to.
     pub backends: Vec<BackendRt>,
     /// The same health handles as in `backends`, for the floor computation.
     pub health: Vec<Arc<BackendHealth>>,
@@ -84,16 +87,16 @@ pub struct PoolRt {
     pub check: HealthCheck,
     pub eject: Eject,
     pub min_healthy: f64,
-    /// Host header for HTTP probes.
-    probe_host: String,
-    probe_tls: Option<(
-        Arc<rustls::ClientConfig>,
-        rustls::pki_types::ServerName<'static>,
-    )>,
+    /// The pool's `tls`: probes present its client certificate.
+    probe_tls: Option<Arc<rustls::ClientConfig>>,
+    /// `tls.sni`, which overrides every backend's own name.
+    sni: Option<String>,
 }
 
 pub struct BackendRt {
     pub address: SocketAddr,
+    /// The name it was found by (`None`: an `ip:port` entry).
+    pub host: Option<String>,
     /// Fully configured peer (timeouts, TLS, h2); cloned per request.
     pub peer: HttpPeer,
     pub health: Arc<BackendHealth>,
@@ -143,19 +146,22 @@ impl PoolRt {
     }
 }
 
+/// The state that outlives snapshots, which a snapshot is built with.
+pub struct Registries<'a> {
+    pub metrics: &'a Metrics,
+    pub health: &'a health::Registry,
+    pub limits: &'a rate_limit::Registry,
+    pub traffic: &'a Traffic,
+    pub discovery: &'a Discovery,
+}
+
 impl Snapshot {
-    pub fn build(
-        config: Config,
-        generation: u64,
-        metrics: &Metrics,
-        health: &health::Registry,
-        limits: &rate_limit::Registry,
-        traffic: &Traffic,
-    ) -> Snapshot {
+    pub fn build(config: Arc<Config>, generation: u64, reg: &Registries) -> Snapshot {
+        let (metrics, limits, traffic) = (reg.metrics, reg.limits, reg.traffic);
         let pools: Vec<PoolRt> = config
             .pools
             .iter()
-            .map(|p| build_pool(p, metrics, health))
+            .map(|p| build_pool(p, &config.resolver, reg))
             .collect();
         let routes = config
             .routes
@@ -227,16 +233,25 @@ impl Snapshot {
         self.pools
             .iter()
             .flat_map(|p| {
-                p.backends.iter().map(|b| ProbeTarget {
-                    address: b.address,
-                    host: if p.probe_host.is_empty() {
-                        b.address.to_string()
-                    } else {
-                        p.probe_host.clone()
-                    },
-                    check: p.check.clone(),
-                    tls: p.probe_tls.clone(),
-                    health: b.health.clone(),
+                p.backends.iter().map(|b| {
+                    // the name the backend is known by: tls.sni, its DNS name, else its address
+                    let name = p.sni.as_ref().or(b.host.as_ref());
+                    ProbeTarget {
+                        address: b.address,
+                        host: name.cloned().unwrap_or_else(|| b.address.to_string()),
+                        check: p.check.clone(),
+                        tls: p.probe_tls.clone().map(|cfg| {
+                            let server = name
+                                .and_then(|n| {
+                                    rustls::pki_types::ServerName::try_from(n.clone()).ok()
+                                })
+                                .unwrap_or_else(|| {
+                                    rustls::pki_types::ServerName::from(b.address.ip())
+                                });
+                            (cfg, server)
+                        }),
+                        health: b.health.clone(),
+                    }
                 })
             })
             .collect()
@@ -329,25 +344,62 @@ pub fn find_listener<T>(
     })
 }
 
-fn build_pool(p: &crate::config::Pool, metrics: &Metrics, registry: &health::Registry) -> PoolRt {
-    let backends = p
-        .backends
+/// The members of a pool: its `ip:port` entries and what its names resolved to (first
+/// entry wins when an address appears twice).
+pub fn members(p: &crate::config::Pool, discovery: &Discovery) -> Vec<Member> {
+    let mut out: Vec<Member> = Vec::new();
+    for b in &p.backends {
+        let found = match &b.target {
+            Target::Addr(a) => vec![Member {
+                address: *a,
+                weight: b.weight,
+                host: None,
+                late: false,
+            }],
+            t => discovery.members(&p.name, t),
+        };
+        for m in found {
+            if !out.iter().any(|o| o.address == m.address) {
+                out.push(m);
+            }
+        }
+    }
+    out
+}
+
+fn build_pool(p: &crate::config::Pool, resolver: &Resolver, reg: &Registries) -> PoolRt {
+    let members = members(p, reg.discovery);
+    reg.metrics
+        .pool_members
+        .with_label_values(&[&p.name])
+        .set(members.len() as i64);
+    let backends = members
         .iter()
-        .map(|b| {
+        .map(|m| {
+            // TLS verifies the name the backend was found by, unless tls.sni says otherwise
             let (tls, sni) = match &p.tls {
                 Some(t) => (
                     true,
-                    t.sni.clone().unwrap_or_else(|| b.address.ip().to_string()),
+                    t.sni
+                        .clone()
+                        .or_else(|| m.host.clone())
+                        .unwrap_or_else(|| m.address.ip().to_string()),
                 ),
                 None => (false, String::new()),
             };
-            let mut peer = HttpPeer::new(b.address, tls, sni);
+            let mut peer = HttpPeer::new(m.address, tls, sni);
             let o = &mut peer.options;
             o.connection_timeout = Some(p.connect_timeout);
             o.total_connection_timeout = Some(p.connect_timeout * 2);
             o.read_timeout = Some(p.read_timeout);
             o.write_timeout = Some(p.read_timeout);
-            o.idle_timeout = Some(UPSTREAM_IDLE);
+            // a name's member may vanish: its idle connections must not outlive that by much
+            // (pingora's pool cannot drop a peer's connections on demand)
+            o.idle_timeout = Some(if m.host.is_some() {
+                UPSTREAM_IDLE.min(resolver.interval.max(Duration::from_secs(1)))
+            } else {
+                UPSTREAM_IDLE
+            });
             if p.http2 {
                 o.set_http_version(2, 2);
                 o.max_h2_streams = 100;
@@ -357,27 +409,15 @@ fn build_pool(p: &crate::config::Pool, metrics: &Metrics, registry: &health::Reg
                 peer.client_cert_key = t.client.clone();
             }
             BackendRt {
-                address: b.address,
+                address: m.address,
+                host: m.host.clone(),
                 peer,
-                health: registry.get(&p.name, b.address, metrics),
+                // a member that joined after the name's first answer waits for a good probe
+                health: reg.health.get(&p.name, m.address, m.late, reg.metrics),
             }
         })
         .collect::<Vec<_>>();
-    let weights: Vec<u32> = p.backends.iter().map(|b| b.weight).collect();
-    let probe_tls = p.tls.as_ref().map(|t| {
-        let name = t
-            .sni
-            .as_deref()
-            .and_then(|s| rustls::pki_types::ServerName::try_from(s.to_string()).ok())
-            .unwrap_or_else(|| {
-                rustls::pki_types::ServerName::from(
-                    p.backends
-                        .first()
-                        .map_or(std::net::IpAddr::from([127, 0, 0, 1]), |b| b.address.ip()),
-                )
-            });
-        (t.probe.clone(), name)
-    });
+    let weights: Vec<u32> = members.iter().map(|m| m.weight).collect();
     PoolRt {
         name: p.name.clone(),
         health: backends.iter().map(|b| b.health.clone()).collect(),
@@ -386,12 +426,8 @@ fn build_pool(p: &crate::config::Pool, metrics: &Metrics, registry: &health::Reg
         check: p.health.clone(),
         eject: p.eject.clone(),
         min_healthy: p.min_healthy,
-        probe_host: p
-            .tls
-            .as_ref()
-            .and_then(|t| t.sni.clone())
-            .unwrap_or_default(),
-        probe_tls,
+        probe_tls: p.tls.as_ref().map(|t| t.probe.clone()),
+        sni: p.tls.as_ref().and_then(|t| t.sni.clone()),
     }
 }
 

@@ -10,7 +10,7 @@ use arc_swap::ArcSwap;
 use crate::access_log::AccessLogger;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{Registries, Snapshot};
 
 pub struct Shared {
     snapshot: ArcSwap<Snapshot>,
@@ -28,6 +28,8 @@ pub struct Shared {
     pub audit: crate::audit::Audit,
     /// Admin clients that failed authentication too often.
     pub lockout: crate::auth::Lockout,
+    /// What the pools' backend names resolve to: survives reloads.
+    pub discovery: Arc<crate::discovery::Discovery>,
     /// Open downstream connections (process and per client address).
     pub conns: crate::edge::conns::Conns,
     pub config_path: PathBuf,
@@ -63,7 +65,33 @@ impl Shared {
         );
         traffic.apply_config(&config);
         let audit = crate::audit::Audit::new(config.admin.audit_log.clone());
-        let snapshot = Snapshot::build(config, 1, &metrics, &health, &limits, &traffic);
+        let discovery = Arc::new(crate::discovery::Discovery::new(
+            metrics.dns_resolutions.clone(),
+        ));
+        if !crate::discovery::names(&config).is_empty() {
+            // the names' first answers, so that the first snapshot has their members (a name
+            // that does not answer in time leaves its pool empty until it does)
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("resolver runtime: {e}"))?;
+            rt.block_on(crate::discovery::resolve_all(
+                &discovery,
+                &config,
+                std::time::Duration::from_secs(3),
+            ));
+        }
+        let snapshot = Snapshot::build(
+            Arc::new(config),
+            1,
+            &Registries {
+                metrics: &metrics,
+                health: &health,
+                limits: &limits,
+                traffic: &traffic,
+                discovery: &discovery,
+            },
+        );
         metrics.config_generation.set(1);
         metrics.config_last_reload_success.set(1);
         metrics.config_reloads.with_label_values(&["ok"]).inc();
@@ -78,6 +106,7 @@ impl Shared {
             traffic,
             audit,
             lockout: crate::auth::Lockout::default(),
+            discovery,
             conns: crate::edge::conns::Conns::default(),
             config_path,
             last_error: Mutex::new(None),
@@ -142,23 +171,10 @@ impl Shared {
             &self.loaded_fingerprint,
             crate::watch::fingerprint(&config_files(&self.config_path, &cfg)),
         );
-        let keep = cfg
-            .pools
-            .iter()
-            .flat_map(|p| p.backends.iter().map(|b| (p.name.clone(), b.address)))
-            .collect();
         self.traffic.apply_config(&cfg);
-        let snap = Snapshot::build(
-            cfg,
-            generation,
-            m,
-            &self.health,
-            &self.limits,
-            &self.traffic,
-        );
+        let snap = Snapshot::build(Arc::new(cfg), generation, &self.registries());
         let limiters: Vec<_> = snap.routes.iter().filter_map(|r| r.limit.clone()).collect();
-        self.snapshot.store(Arc::new(snap));
-        self.health.retain(&keep, m);
+        self.install(snap);
         self.limits.retain(&limiters);
         m.config_reloads.with_label_values(&["ok"]).inc();
         m.config_last_reload_success.set(1);
@@ -167,6 +183,36 @@ impl Shared {
         set(&self.restart_required, restart);
         log::info!("config reload ({cause}): generation {generation} serving (sha256 {sha})");
         Ok(generation)
+    }
+
+    fn registries(&self) -> Registries<'_> {
+        Registries {
+            metrics: &self.metrics,
+            health: &self.health,
+            limits: &self.limits,
+            traffic: &self.traffic,
+            discovery: &self.discovery,
+        }
+    }
+
+    /// Serves `snap` from the next request on; forgets the health of backends it no longer has.
+    fn install(&self, snap: Snapshot) {
+        let keep = snap
+            .pools
+            .iter()
+            .flat_map(|p| p.backends.iter().map(|b| (p.name.clone(), b.address)))
+            .collect();
+        self.snapshot.store(Arc::new(snap));
+        self.health.retain(&keep, &self.metrics);
+    }
+
+    /// A new snapshot of the serving config with the pools' current members (a backend name
+    /// answered differently). The config generation stays.
+    pub fn refresh_members(&self) {
+        let _one_at_a_time = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.snapshot();
+        let snap = Snapshot::build(old.config.clone(), old.generation, &self.registries());
+        self.install(snap);
     }
 
     pub fn restart_required(&self) -> Option<String> {

@@ -217,7 +217,7 @@ fn broken_configs_name_file_line_and_key() {
             "backends = [\"127.0.0.1:9001\"]",
             "backends = [\"127.0.0.1\"]",
             "backends = [\"127.0.0.1\"]",
-            "`pool.backends` = \"127.0.0.1\"",
+            "`pool[0].backends`: \"127.0.0.1\" is not \"ip:port\"",
         ),
         (
             "backends = [\"127.0.0.1:9002\"]",

@@ -20,16 +20,19 @@ fn kubectl() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn render(kubectl: &Path, overlay: &str) -> Vec<Value> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+/// `kubectl kustomize deploy/<dir>`: every document.
+fn render(kubectl: &Path, dir: &str) -> Vec<Value> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy")
+        .join(dir);
     let out = Command::new(kubectl)
         .args(["kustomize"])
-        .arg(root.join("deploy/overlays").join(overlay))
+        .arg(&root)
         .output()
         .expect("run kubectl kustomize");
     assert!(
         out.status.success(),
-        "kubectl kustomize {overlay}: {}",
+        "kubectl kustomize {dir}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).expect("utf-8");
@@ -55,8 +58,10 @@ fn overlays_render_what_sluice_needs() {
         eprintln!("SKIPPED: kubectl is not installed (make test installs it with apt when it can)");
         return;
     };
+    // the example application's headless Services, which the pools name
+    let app = render(&kubectl, "example-app");
     for overlay in ["staging", "production"] {
-        let docs = render(&kubectl, overlay);
+        let docs = render(&kubectl, &format!("overlays/{overlay}"));
         let dep = find(&docs, "Deployment", "sluice");
         let pod = &dep["spec"]["template"]["spec"];
         let c = &pod["containers"][0];
@@ -77,6 +82,34 @@ fn overlays_render_what_sluice_needs() {
             .expect("name");
         let text = cm["data"][file].as_str().expect("config in the ConfigMap");
         let config: toml::Value = toml::from_str(text).expect("toml");
+
+        // every pool backend is a headless Service's name (one record per ready pod)
+        for pool in config["pool"].as_array().expect("pools") {
+            for b in pool["backends"].as_array().expect("backends") {
+                let b = b.as_str().expect("backend");
+                let (host, port) = b.rsplit_once(':').expect("name:port");
+                let mut labels = host.trim_end_matches('.').split('.');
+                let (name, ns) = (labels.next().expect("name"), labels.next().expect("ns"));
+                assert!(
+                    host.ends_with(".svc.cluster.local."),
+                    "{overlay}: {b} is not a Service name"
+                );
+                let svc = find(&app, "Service", name);
+                assert_eq!(svc["metadata"]["namespace"].as_str(), Some(ns), "{b}");
+                assert_eq!(
+                    svc["spec"]["clusterIP"].as_str(),
+                    Some("None"),
+                    "{b}: not headless"
+                );
+                assert!(svc["spec"]["ports"]
+                    .as_sequence()
+                    .is_some_and(|p| p.iter().any(|p| p["port"]
+                        .as_u64()
+                        .map(|x| x.to_string())
+                        .as_deref()
+                        == Some(port))));
+            }
+        }
 
         // the ConfigMap is mounted as the config's directory, never with subPath
         let volume = pod["volumes"]
@@ -200,7 +233,7 @@ fn overlays_render_what_sluice_needs() {
     }
 
     // production carries the monitoring component; its alerts use metrics sluice exports
-    let docs = render(&kubectl, "production");
+    let docs = render(&kubectl, "overlays/production");
     assert!(docs.iter().any(|d| d["kind"] == "ServiceMonitor"));
     let rule = find(&docs, "PrometheusRule", "sluice");
     let exprs: Vec<String> = rule["spec"]["groups"][0]["rules"]

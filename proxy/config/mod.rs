@@ -156,10 +156,56 @@ pub struct Region {
     pub countries: Vec<String>,
 }
 
+/// Where a backend entry points.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// `ip:port`: one backend.
+    Addr(SocketAddr),
+    /// `name:port`: every A and AAAA record of `name`, re-resolved per `[resolver]`.
+    Name { host: String, port: u16 },
+    /// `_service._proto.name`: every SRV target (address, port, weight).
+    Srv(String),
+}
+
+impl Target {
+    pub fn is_name(&self) -> bool {
+        !matches!(self, Target::Addr(_))
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Addr(a) => write!(f, "{a}"),
+            Target::Name { host, port } => write!(f, "{host}:{port}"),
+            Target::Srv(n) => f.write_str(n),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backend {
-    pub address: SocketAddr,
+    pub target: Target,
     pub weight: u32,
+}
+
+/// `[resolver]`: how backends given by name are resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolver {
+    /// Name servers to ask; empty: the system's (`/etc/resolv.conf`, with its search domains
+    /// and ndots).
+    pub nameservers: Vec<SocketAddr>,
+    /// Names are re-resolved at least this often (sooner when their TTL runs out).
+    pub interval: Duration,
+}
+
+impl Default for Resolver {
+    fn default() -> Self {
+        Resolver {
+            nameservers: Vec::new(),
+            interval: Duration::from_secs(5),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -275,6 +321,7 @@ pub struct Config {
     pub tls: Option<Tls>,
     pub listeners: Vec<Listener>,
     pub limits: Limits,
+    pub resolver: Resolver,
     pub client_ip: ClientIp,
     pub rate_limit: Option<RateLimit>,
     pub geoip: Option<GeoIp>,
@@ -397,7 +444,6 @@ impl Builder<'_, '_> {
         let tls = self.tls(root);
         let listeners = self.listeners(root, tls.is_some());
         for (key, what) in [
-            ("resolver", "backends by DNS name"),
             ("cluster", "fleet mode"),
             ("tracing", "OpenTelemetry tracing"),
         ] {
@@ -406,6 +452,7 @@ impl Builder<'_, '_> {
             }
         }
         let limits = self.limits(root);
+        let resolver = self.resolver(root);
         let client_ip = self.client_ip(root);
         let rate_limit = root
             .table(self.d, "rate_limit")
@@ -422,6 +469,7 @@ impl Builder<'_, '_> {
             tls,
             listeners,
             limits,
+            resolver,
             client_ip,
             rate_limit,
             geoip,
@@ -814,6 +862,43 @@ impl Builder<'_, '_> {
             }
         }
         l
+    }
+
+    fn resolver(&mut self, root: &Table) -> Resolver {
+        let mut r = Resolver::default();
+        let Some(t) = root.table(self.d, "resolver") else {
+            return r;
+        };
+        t.check_keys(self.d, &["nameservers", "interval"]);
+        if let Some(list) = t.strings(self.d, "nameservers") {
+            for s in list.value {
+                // "ip" (port 53) or "ip:port"
+                let parsed = s.value.parse::<SocketAddr>().or_else(|_| {
+                    s.value
+                        .parse::<std::net::IpAddr>()
+                        .map(|ip| SocketAddr::new(ip, 53))
+                });
+                match parsed {
+                    Ok(a) => r.nameservers.push(a),
+                    Err(_) => self.d.error(
+                        &s.span,
+                        format!(
+                            "`resolver.nameservers`: \"{}\" is not an \"ip\" or \"ip:port\" address",
+                            s.value
+                        ),
+                    ),
+                }
+            }
+        }
+        if let Some(d) = t.duration(self.d, "interval") {
+            if d.value < Duration::from_millis(100) || d.value > Duration::from_secs(3600) {
+                self.d
+                    .error(&d.span, "`resolver.interval` must be between 100ms and 1h");
+            } else {
+                r.interval = d.value;
+            }
+        }
+        r
     }
 
     /// `[route.limits]`: a route's own `max_body_bytes`.
@@ -1227,7 +1312,7 @@ impl Builder<'_, '_> {
         }
         let mut out: Vec<Backend> = Vec::new();
         for item in arr.value {
-            // "ip:port", or { address = "ip:port", weight = N } for weighted round-robin
+            // "ip:port", "name:port", "_service._proto.name", or { address = ..., weight = N }
             let (addr, weight) = if let Some(s) = item.get_ref().as_str() {
                 (At::new(s.to_string(), item.span()), 1)
             } else if let Some(bt) = item.get_ref().as_table() {
@@ -1242,25 +1327,80 @@ impl Builder<'_, '_> {
                 self.d.error(
                     &item.span(),
                     format!(
-                        "`{}.backends` entries must be \"ip:port\" or {{ address = \"ip:port\", weight = N }}",
+                        "`{}.backends` entries must be \"ip:port\", \"name:port\", \"_service._proto.name\" or {{ address = \"...\", weight = N }}",
                         t.path
                     ),
                 );
                 continue;
             };
-            let Some(address) = self.socket_addr(&addr, "pool.backends") else {
+            let Some(target) = self.target(&addr, &t.path) else {
                 continue;
             };
-            if out.iter().any(|b| b.address == address) {
+            if out.iter().any(|b| b.target == target) {
                 self.d.error(
                     &addr.span,
-                    format!("`{}.backends`: duplicate backend {address}", t.path),
+                    format!("`{}.backends`: duplicate backend {target}", t.path),
                 );
                 continue;
             }
-            out.push(Backend { address, weight });
+            if matches!(target, Target::Srv(_)) && weight != 1 {
+                self.d.error(
+                    &addr.span,
+                    format!(
+                        "`{}.backends`: an SRV name takes its weights from its records",
+                        t.path
+                    ),
+                );
+            }
+            out.push(Backend { target, weight });
         }
         out
+    }
+
+    /// A backend address: `ip:port`, `name:port` or `_service._proto.name`.
+    fn target(&mut self, a: &At<String>, path: &str) -> Option<Target> {
+        if let Ok(addr) = a.value.parse::<SocketAddr>() {
+            return Some(Target::Addr(addr));
+        }
+        let dns_name = |n: &str| {
+            !n.is_empty()
+                && n.len() <= 253
+                && n.trim_end_matches('.').split('.').all(|l| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && l.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                })
+        };
+        if a.value.starts_with('_') && !a.value.contains(':') && dns_name(&a.value) {
+            let labels: Vec<&str> = a.value.split('.').collect();
+            if labels.len() >= 3 && labels[1].starts_with('_') {
+                return Some(Target::Srv(a.value.clone()));
+            }
+        }
+        if let Some((host, port)) = a.value.rsplit_once(':') {
+            if let (true, Ok(port)) = (
+                dns_name(host)
+                    && !host.starts_with('_')
+                    && host.parse::<std::net::IpAddr>().is_err(),
+                port.parse::<u16>(),
+            ) {
+                if port > 0 {
+                    return Some(Target::Name {
+                        host: host.to_ascii_lowercase(),
+                        port,
+                    });
+                }
+            }
+        }
+        self.d.error(
+            &a.span,
+            format!(
+                "`{path}.backends`: \"{}\" is not \"ip:port\" (\"[::1]:80\" for IPv6), \"name:port\" or \"_service._proto.name\"",
+                a.value
+            ),
+        );
+        None
     }
 
     fn pool_tls(&mut self, t: &Table) -> Option<UpstreamTlsMaterial> {

@@ -619,3 +619,134 @@ pub fn connect_from(local: std::net::IpAddr, to: SocketAddr) -> std::io::Result<
     sock.connect_timeout(&to.into(), Duration::from_secs(2))?;
     Ok(sock.into())
 }
+
+/// A real DNS server for the tests: dnsmasq on a free loopback port, answering for `*.test`
+/// from files the test writes (re-read by dnsmasq as they change) and the SRV records given at
+/// start. Killed by PID on drop; `stop` and `start` keep its port and records.
+pub struct Dns {
+    pub addr: SocketAddr,
+    dir: PathBuf,
+    srv: Vec<String>,
+    proc: Option<Child>,
+}
+
+impl Dns {
+    /// `srv`: dnsmasq `--srv-host` values (`_app._tcp.test,target,port,priority,weight`).
+    pub fn start(dir: &Path, srv: &[&str]) -> Dns {
+        let port = free_udp_port();
+        let hosts = dir.join("dns-hosts");
+        std::fs::create_dir_all(&hosts).expect("hosts dir");
+        // dnsmasq may read them as another user
+        use std::os::unix::fs::PermissionsExt;
+        for d in [dir, hosts.as_path()] {
+            let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755));
+        }
+        let mut dns = Dns {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            dir: hosts,
+            srv: srv.iter().map(|s| s.to_string()).collect(),
+            proc: None,
+        };
+        dns.resume();
+        dns
+    }
+
+    /// Starts (again) on the same port.
+    pub fn resume(&mut self) {
+        // /usr/sbin is not on every user's PATH
+        let bin = ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or("dnsmasq");
+        let mut cmd = Command::new(bin);
+        cmd.args([
+            "--no-daemon",
+            "--conf-file=/dev/null",
+            "--pid-file=",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.1",
+            "--no-resolv",
+            "--no-hosts",
+            "--local=/test/",
+            "--local-ttl=1",
+            "--log-facility=-",
+        ])
+        .arg(format!("--port={}", self.addr.port()))
+        .arg(format!("--hostsdir={}", self.dir.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(self.dir.with_extension("log")).expect("log"));
+        // as root, dnsmasq would switch to "nobody" after binding
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            cmd.arg("--user=root");
+        }
+        for s in &self.srv {
+            cmd.arg(format!("--srv-host={s}"));
+        }
+        let child = cmd.spawn().expect("dnsmasq (make test installs it)");
+        self.proc = Some(child);
+        let ok = wait_until(Duration::from_secs(10), || {
+            std::fs::read_to_string(self.dir.with_extension("log"))
+                .is_ok_and(|l| l.contains("started"))
+        });
+        assert!(
+            ok,
+            "dnsmasq did not start: {:?}",
+            std::fs::read_to_string(self.dir.with_extension("log"))
+        );
+    }
+
+    /// Kills it (SIGKILL, by PID).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.proc.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `name` answers with these addresses (A and AAAA); none: the name goes away.
+    pub fn set(&self, name: &str, ips: &[&str]) {
+        let path = self.dir.join(name);
+        if ips.is_empty() {
+            // an empty file (dnsmasq forgets what a changed file no longer says)
+            std::fs::write(&path, "").expect("hosts file");
+            return;
+        }
+        let text: String = ips.iter().map(|ip| format!("{ip} {name}\n")).collect();
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).expect("hosts file");
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644));
+        std::fs::rename(&tmp, &path).expect("rename");
+    }
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A UDP port that was free a moment ago (and its TCP twin, for dnsmasq's TCP listener).
+pub fn free_udp_port() -> u16 {
+    loop {
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+        let port = u.local_addr().expect("addr").port();
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A port free on every one of `ips` (loopback addresses) a moment ago.
+pub fn free_port_on(ips: &[&str]) -> u16 {
+    loop {
+        let port = free_port();
+        if ips.iter().all(|ip| {
+            TcpListener::bind((ip.parse::<std::net::IpAddr>().expect("ip"), port)).is_ok()
+        }) {
+            return port;
+        }
+    }
+}
