@@ -17,7 +17,7 @@ use crate::audit::Entry;
 use crate::auth;
 use crate::snapshot::Snapshot;
 use crate::state::Shared;
-use crate::traffic::{Change, Color, Refused, Weights};
+use crate::traffic::{Change, Color, Op as TrafficOp, Refused, Weights};
 
 /// Bodies of admin calls are small JSON documents.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -105,6 +105,7 @@ pub fn status_json(shared: &Shared) -> Value {
         "inflight": shared.lifecycle.inflight(),
         "routes": (0..snap.routes.len()).map(|i| route_json(&snap, i)).collect::<Vec<_>>(),
         "pools": pools,
+        "cluster": shared.fleet.as_ref().map(|f| f.status()),
     })
 }
 
@@ -400,28 +401,19 @@ impl Admin {
             }
             Op::SetWeights(r) => match parse_weights(&body) {
                 Err(why) => return refuse(StatusCode::BAD_REQUEST, &why),
-                Ok(w) => {
-                    let (s, r) = (shared.clone(), r.clone());
-                    blocking(move || s.traffic.set_weights(&r, w))
-                        .await
-                        .map(|c| (StatusCode::OK, c))
-                }
+                Ok(w) => change(shared, r, TrafficOp::Weights(w))
+                    .await
+                    .map(|c| (StatusCode::OK, c)),
             },
             Op::StartShift(r) => match parse_shift(&body) {
                 Err(why) => return refuse(StatusCode::BAD_REQUEST, &why),
-                Ok((to, step, every)) => {
-                    let (s, r) = (shared.clone(), r.clone());
-                    blocking(move || s.traffic.start_shift(&r, to, step, every))
-                        .await
-                        .map(|c| (StatusCode::ACCEPTED, c))
-                }
-            },
-            Op::StopShift(r) => {
-                let (s, r) = (shared.clone(), r.clone());
-                blocking(move || s.traffic.stop_shift(&r))
+                Ok((to, step, every)) => change(shared, r, TrafficOp::Shift { to, step, every })
                     .await
-                    .map(|c| (StatusCode::OK, c))
-            }
+                    .map(|c| (StatusCode::ACCEPTED, c)),
+            },
+            Op::StopShift(r) => change(shared, r, TrafficOp::Stop)
+                .await
+                .map(|c| (StatusCode::OK, c)),
         };
         match outcome {
             Ok((code, change)) => {
@@ -448,16 +440,21 @@ impl Admin {
     }
 }
 
-/// Runs a traffic change (which writes the state file with fsync) off the async threads.
-async fn blocking(
-    f: impl FnOnce() -> Result<Change, Refused> + Send + 'static,
-) -> Result<Change, Refused> {
-    tokio::task::spawn_blocking(f).await.unwrap_or_else(|_| {
-        Err(Refused {
-            status: 500,
-            reason: "the change failed".into(),
+/// Runs a traffic change: through the fleet's store in fleet mode, else here (the state file
+/// is written with fsync, off the async threads).
+async fn change(shared: &Arc<Shared>, route: &str, op: TrafficOp) -> Result<Change, Refused> {
+    if let Some(fleet) = &shared.fleet {
+        return fleet.change(route, op).await;
+    }
+    let (s, r) = (shared.clone(), route.to_string());
+    tokio::task::spawn_blocking(move || s.traffic.apply(&r, op))
+        .await
+        .unwrap_or_else(|_| {
+            Err(Refused {
+                status: 500,
+                reason: "the change failed".into(),
+            })
         })
-    })
 }
 
 #[async_trait]

@@ -13,6 +13,8 @@ use crate::traffic::RolledBack;
 
 pub struct Audit {
     path: Option<PathBuf>,
+    /// Fleet mode: this replica's name, in every line.
+    instance: Option<String>,
     /// One writer at a time, so lines never interleave.
     lock: Mutex<()>,
 }
@@ -40,9 +42,10 @@ pub fn fingerprint(token: &str) -> String {
 }
 
 impl Audit {
-    pub fn new(path: Option<PathBuf>) -> Audit {
+    pub fn new(path: Option<PathBuf>, instance: Option<String>) -> Audit {
         Audit {
             path,
+            instance,
             lock: Mutex::new(()),
         }
     }
@@ -83,6 +86,10 @@ impl Audit {
         let Some(path) = &self.path else {
             return;
         };
+        let mut line = line.clone();
+        if let (Some(i), Some(obj)) = (&self.instance, line.as_object_mut()) {
+            obj.insert("instance".into(), Value::from(i.as_str()));
+        }
         let mut text = line.to_string();
         text.push('\n');
         let _one = self.lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -119,7 +126,7 @@ mod tests {
     fn lines_carry_no_token() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("audit/audit.jsonl");
-        let a = Audit::new(Some(path.clone()));
+        let a = Audit::new(Some(path.clone()), None);
         for status in [403, 200] {
             a.record(Entry {
                 remote: Some("127.0.0.1:5000".into()),

@@ -5,8 +5,9 @@
 //! - `POST /_demo/fail`, `POST /_demo/recover`: every answer becomes 503 / normal again
 //! - `POST /_demo/health-fail`: `/healthz` answers 500 while other paths still work (until
 //!   `/_demo/recover`)
-//! - `POST /_demo/errors?status=N`: every other answer has status N while `/healthz` stays
-//!   healthy (a broken release that passes its health check), until `/_demo/recover`
+//! - `POST /_demo/errors?status=N[&every=K]`: every answer (or one in K) has status N while
+//!   `/healthz` stays healthy (a broken release that passes its health check), until
+//!   `/_demo/recover`
 //! - `GET /_demo/sleep?ms=N`: answers after N milliseconds
 //! - `GET /_demo/headers`: the request's headers as JSON
 //!
@@ -58,6 +59,9 @@ struct State {
     sick: AtomicBool,
     /// Status of every ordinary answer while set (0: off).
     error_status: AtomicU16,
+    /// One ordinary answer in this many gets `error_status`.
+    error_every: AtomicU64,
+    answered: AtomicU64,
     connections: AtomicU64,
 }
 
@@ -111,6 +115,8 @@ async fn serve(opts: Options) -> Result<(), String> {
         failing: AtomicBool::new(opts.fail),
         sick: AtomicBool::new(false),
         error_status: AtomicU16::new(0),
+        error_every: AtomicU64::new(1),
+        answered: AtomicU64::new(0),
         connections: AtomicU64::new(0),
     });
     eprintln!("demo-backend {} listening on {}", opts.name, opts.listen);
@@ -190,8 +196,19 @@ async fn handle(
                 .and_then(|v| v.parse::<u16>().ok())
                 .filter(|s| (400..600).contains(s))
                 .unwrap_or(500);
+            let every = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("every="))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(1)
+                .max(1);
+            state.error_every.store(every, Ordering::SeqCst);
             state.error_status.store(status, Ordering::SeqCst);
-            return Ok(text(StatusCode::OK, name, format!("answering {status}\n")));
+            return Ok(text(
+                StatusCode::OK,
+                name,
+                format!("answering {status} to 1 in {every}\n"),
+            ));
         }
         "/_demo/health-fail" => {
             state.sick.store(true, Ordering::SeqCst);
@@ -243,8 +260,12 @@ async fn handle(
         _ => {
             // drain the body so keep-alive works for POSTs too
             let _ = req.into_body().collect().await;
-            let status = StatusCode::from_u16(state.error_status.load(Ordering::SeqCst))
-                .unwrap_or(StatusCode::OK);
+            let n = state.answered.fetch_add(1, Ordering::SeqCst);
+            let every = state.error_every.load(Ordering::SeqCst).max(1);
+            let status = match state.error_status.load(Ordering::SeqCst) {
+                s if s > 0 && n % every == 0 => StatusCode::from_u16(s).unwrap_or(StatusCode::OK),
+                _ => StatusCode::OK,
+            };
             Ok(text(status, name, format!("{name}\n")))
         }
     }

@@ -338,7 +338,7 @@ impl ProxyHttp for Gateway {
                 }
                 if let (Some(limiter), Some(ip)) = (&route.limit, ctx.client_ip) {
                     if !client_ip::is_in(ip, &snap.exempt) {
-                        if let Err(denied) = limiter.check(ip) {
+                        if let Err(denied) = limiter.check(ip).await {
                             route.rate_limited.inc();
                             let headers = [
                                 ("retry-after", denied.retry_after.to_string()),

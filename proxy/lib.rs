@@ -6,6 +6,7 @@ pub mod audit;
 pub mod auth;
 pub mod balancer;
 pub mod client_ip;
+pub mod cluster;
 pub mod config;
 pub mod demo_backend;
 pub mod discovery;

@@ -55,6 +55,10 @@ pub struct Metrics {
     pub pool_members: IntGaugeVec,
     /// `pool`, `result` = ok / error: DNS resolutions of the pool's names
     pub dns_resolutions: IntCounterVec,
+    /// Fleet mode only (registered by [`Metrics::register_cluster`]).
+    pub cluster_store_up: IntGauge,
+    pub cluster_leader: IntGauge,
+    pub cluster_sync_seconds: HistogramVec,
 }
 
 impl Metrics {
@@ -178,6 +182,24 @@ impl Metrics {
             ),
             &["pool", "result"],
         )?;
+        let cluster_store_up = IntGauge::new(
+            "sluice_cluster_store_up",
+            "1 while the cluster store (Redis) answers, 0 while it does not",
+        )?;
+        let cluster_leader = IntGauge::new(
+            "sluice_cluster_leader",
+            "1 on the replica holding the controller lease (it runs shifts and rollback)",
+        )?;
+        let cluster_sync_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "sluice_cluster_sync_seconds",
+                "Time of one exchange with the cluster store, by kind",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            ]),
+            &["kind"],
+        )?;
         registry.register(Box::new(pool_members.clone()))?;
         registry.register(Box::new(dns_resolutions.clone()))?;
         registry.register(Box::new(connections_refused.clone()))?;
@@ -216,7 +238,24 @@ impl Metrics {
             bad_requests,
             pool_members,
             dns_resolutions,
+            cluster_store_up,
+            cluster_leader,
+            cluster_sync_seconds,
         })
+    }
+
+    /// Exports the fleet mode metrics.
+    pub fn register_cluster(&self) -> Result<(), prometheus::Error> {
+        self.registry
+            .register(Box::new(self.cluster_store_up.clone()))?;
+        self.registry
+            .register(Box::new(self.cluster_leader.clone()))?;
+        self.registry
+            .register(Box::new(self.cluster_sync_seconds.clone()))?;
+        for k in ["limits", "windows", "control"] {
+            self.cluster_sync_seconds.with_label_values(&[k]);
+        }
+        Ok(())
     }
 
     /// Prometheus text format 0.0.4.

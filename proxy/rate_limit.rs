@@ -13,7 +13,8 @@ use std::time::Duration;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DefaultKeyedStateStore;
-use governor::{Quota, RateLimiter};
+pub use governor::Quota;
+use governor::RateLimiter;
 
 /// A quota as configured: `requests` per `per`, at most `burst` at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -24,7 +25,7 @@ pub struct Limit {
 }
 
 impl Limit {
-    fn quota(&self) -> Option<Quota> {
+    pub fn quota(&self) -> Option<Quota> {
         let interval = self.per / self.requests.max(1);
         let burst = NonZeroU32::new(self.burst)?;
         Quota::with_period(interval.max(Duration::from_nanos(1))).map(|q| q.allow_burst(burst))
@@ -43,11 +44,79 @@ impl Limit {
 type Keyed =
     RateLimiter<u128, DefaultKeyedStateStore<u128>, DefaultClock, StateInformationMiddleware>;
 
+/// What a counter says about one request.
+pub enum Verdict {
+    Allowed,
+    Denied(Denied),
+    /// Only the shared store can say (`sync = "0s"`): ask it with [`Counts::ask`].
+    AskStore,
+}
+
+/// Where a limiter's counts live: this process alone ([`LocalCounts`]) or shared by the fleet
+/// (`crate::cluster::limits::FleetCounts`). `check` runs on the request path and never waits.
+#[async_trait::async_trait]
+pub trait Counts: Send + Sync {
+    fn check(&self, key: u128) -> Verdict;
+    /// The exact answer of the shared store, for [`Verdict::AskStore`].
+    async fn ask(&self, key: u128) -> Result<(), Denied> {
+        let _ = key;
+        Ok(())
+    }
+    /// Forgets clients idle for a whole window.
+    fn shrink(&self);
+    /// Clients tracked.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// GCRA buckets of this process (governor).
+pub struct LocalCounts {
+    inner: Keyed,
+    clock: DefaultClock,
+}
+
+impl LocalCounts {
+    pub fn new(limit: Limit) -> Option<LocalCounts> {
+        let clock = DefaultClock::default();
+        let inner = RateLimiter::dashmap_with_clock(limit.quota()?, clock.clone())
+            .with_middleware::<StateInformationMiddleware>();
+        Some(LocalCounts { inner, clock })
+    }
+
+    pub fn check_key(&self, key: u128) -> Result<(), Denied> {
+        match self.inner.check_key(&key) {
+            Ok(_) => Ok(()),
+            Err(not_until) => Err(Denied::after(not_until.wait_time_from(self.clock.now()))),
+        }
+    }
+}
+
+impl Counts for LocalCounts {
+    fn check(&self, key: u128) -> Verdict {
+        match self.check_key(key) {
+            Ok(()) => Verdict::Allowed,
+            Err(d) => Verdict::Denied(d),
+        }
+    }
+    fn shrink(&self) {
+        self.inner.retain_recent();
+        self.inner.shrink_to_fit();
+    }
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+}
+
+/// Makes the counts of a limiter: local ones, or the fleet's when `[rate_limit] scope =
+/// "cluster"` (set up by fleet mode at start).
+pub type CountsFactory = dyn Fn(&str, Limit, u8) -> Option<Arc<dyn Counts>> + Send + Sync;
+
 pub struct Limiter {
     pub limit: Limit,
     ipv6_prefix: u8,
-    inner: Keyed,
-    clock: DefaultClock,
+    counts: Arc<dyn Counts>,
     /// `RateLimit-Policy` header value, made once.
     pub policy: String,
 }
@@ -59,18 +128,23 @@ pub struct Denied {
     pub retry_after: u64,
 }
 
+impl Denied {
+    pub fn after(wait: Duration) -> Denied {
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        Denied {
+            retry_after: secs.max(1),
+        }
+    }
+}
+
 impl Limiter {
-    fn new(limit: Limit, ipv6_prefix: u8) -> Option<Limiter> {
-        let clock = DefaultClock::default();
-        let inner = RateLimiter::dashmap_with_clock(limit.quota()?, clock.clone())
-            .with_middleware::<StateInformationMiddleware>();
-        Some(Limiter {
+    fn new(limit: Limit, ipv6_prefix: u8, counts: Arc<dyn Counts>) -> Limiter {
+        Limiter {
             limit,
             ipv6_prefix,
-            inner,
-            clock,
+            counts,
             policy: limit.policy_header(),
-        })
+        }
     }
 
     /// The bucket a client address falls in.
@@ -78,33 +152,34 @@ impl Limiter {
         crate::client_ip::key(ip, self.ipv6_prefix)
     }
 
-    /// Counts one request from `ip`; `Err` when it is over the quota.
-    pub fn check(&self, ip: IpAddr) -> Result<(), Denied> {
-        match self.inner.check_key(&self.key(ip)) {
-            Ok(_) => Ok(()),
-            Err(not_until) => {
-                let wait = not_until.wait_time_from(self.clock.now());
-                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-                Err(Denied {
-                    retry_after: secs.max(1),
-                })
-            }
+    /// Counts one request from `ip`; `Err` when it is over the quota. Waits only when the
+    /// config asks for an exact fleet-wide count (`sync = "0s"`).
+    pub async fn check(&self, ip: IpAddr) -> Result<(), Denied> {
+        let key = self.key(ip);
+        match self.counts.check(key) {
+            Verdict::Allowed => Ok(()),
+            Verdict::Denied(d) => Err(d),
+            Verdict::AskStore => self.counts.ask(key).await,
         }
+    }
+
+    /// The non-waiting part of [`Limiter::check`] (benchmarks, tests).
+    pub fn verdict(&self, ip: IpAddr) -> Verdict {
+        self.counts.check(self.key(ip))
     }
 
     /// Drops buckets that are full again (clients idle for a whole window): memory stays
     /// bounded by the clients active in the last window.
     pub fn shrink(&self) {
-        self.inner.retain_recent();
-        self.inner.shrink_to_fit();
+        self.counts.shrink();
     }
 
     pub fn len(&self) -> usize {
-        self.inner.len()
+        self.counts.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.inner.is_empty()
+        self.counts.len() == 0
     }
 }
 
@@ -112,6 +187,8 @@ impl Limiter {
 #[derive(Default)]
 pub struct Registry {
     map: Mutex<HashMap<(String, Limit, u8), Arc<Limiter>>>,
+    /// Fleet mode's counts, when `[rate_limit] scope = "cluster"`.
+    shared: Mutex<Option<Arc<CountsFactory>>>,
 }
 
 impl Registry {
@@ -123,9 +200,25 @@ impl Registry {
         if let Some(l) = map.get(&key) {
             return Some(l.clone());
         }
-        let l = Arc::new(Limiter::new(limit, ipv6_prefix)?);
+        let shared = self
+            .shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let counts: Arc<dyn Counts> = match shared {
+            Some(make) => make(scope, limit, ipv6_prefix)?,
+            None => Arc::new(LocalCounts::new(limit)?),
+        };
+        let l = Arc::new(Limiter::new(limit, ipv6_prefix, counts));
         map.insert(key, l.clone());
         Some(l)
+    }
+
+    /// From now on, limiters count through `make` (fleet mode); limiters made before are
+    /// forgotten, so the next snapshot gets fleet-wide ones.
+    pub fn share_through(&self, make: Arc<CountsFactory>) {
+        *self.shared.lock().unwrap_or_else(|e| e.into_inner()) = Some(make);
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     /// Forgets limiters no snapshot uses any more.
@@ -182,6 +275,14 @@ impl pingora::services::background::BackgroundService for Upkeep {
 mod tests {
     use super::*;
 
+    fn check(l: &Limiter, ip: IpAddr) -> Result<(), Denied> {
+        match l.verdict(ip) {
+            Verdict::Allowed => Ok(()),
+            Verdict::Denied(d) => Err(d),
+            Verdict::AskStore => Err(Denied { retry_after: 0 }),
+        }
+    }
+
     fn limit(requests: u32, per_ms: u64) -> Limit {
         Limit {
             requests,
@@ -196,14 +297,14 @@ mod tests {
         let l = reg.get("", limit(5, 300), 64).expect("limiter");
         let a: IpAddr = "192.0.2.1".parse().expect("ip");
         for _ in 0..5 {
-            assert_eq!(l.check(a), Ok(()));
+            assert_eq!(check(&l, a), Ok(()));
         }
-        assert_eq!(l.check(a), Err(Denied { retry_after: 1 }));
+        assert_eq!(check(&l, a), Err(Denied { retry_after: 1 }));
         // another client has its own bucket
-        assert_eq!(l.check("192.0.2.2".parse().expect("ip")), Ok(()));
+        assert_eq!(check(&l, "192.0.2.2".parse().expect("ip")), Ok(()));
         std::thread::sleep(Duration::from_millis(320));
         for _ in 0..5 {
-            assert_eq!(l.check(a), Ok(()));
+            assert_eq!(check(&l, a), Ok(()));
         }
     }
 
@@ -216,13 +317,13 @@ mod tests {
         let other: IpAddr = "2001:db8:1:3::1".parse().expect("ip");
         assert_eq!(l.key(x), l.key(y));
         assert_ne!(l.key(x), l.key(other));
-        assert!(l.check(x).is_ok());
-        assert!(l.check(y).is_ok());
+        assert!(check(&l, x).is_ok());
+        assert!(check(&l, y).is_ok());
         assert!(
-            l.check(x).is_err(),
+            check(&l, x).is_err(),
             "rotating inside the /64 does not escape"
         );
-        assert!(l.check(other).is_ok());
+        assert!(check(&l, other).is_ok());
         // IPv4 and its mapped form are one client
         let v4: IpAddr = "192.0.2.9".parse().expect("ip");
         let mapped: IpAddr = "::ffff:192.0.2.9".parse().expect("ip");
@@ -252,7 +353,7 @@ mod tests {
         let l = reg.get("", limit(10, 50), 64).expect("limiter");
         for i in 0..1000u32 {
             let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
-            assert!(l.check(ip).is_ok());
+            assert!(check(&l, ip).is_ok());
         }
         assert_eq!(l.len(), 1000);
         std::thread::sleep(Duration::from_millis(80));

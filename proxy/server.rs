@@ -96,7 +96,7 @@ pub fn run(config_path: &Path) -> Result<(), String> {
     admin.add_tcp(&admin_addr.to_string());
     server.add_service(admin);
 
-    let current = {
+    let current: Arc<dyn Fn() -> Arc<crate::snapshot::Snapshot> + Send + Sync> = {
         let s = shared.clone();
         Arc::new(move || s.snapshot())
     };
@@ -120,12 +120,30 @@ pub fn run(config_path: &Path) -> Result<(), String> {
             },
         },
     ));
-    server.add_service(background_service(
-        "shift controller",
-        crate::traffic::Controller {
-            shared: shared.clone(),
-        },
-    ));
+    match (&shared.fleet, &shared.exchange) {
+        // fleet mode: the lease holder runs shifts and rollback on the fleet's counts
+        (Some(fleet), Some(exchange)) => {
+            server.add_service(background_service(
+                "fleet",
+                crate::cluster::Service {
+                    fleet: fleet.clone(),
+                    current: current.clone(),
+                    audit: shared.audit.clone(),
+                    limits: exchange.clone(),
+                },
+            ));
+        }
+        _ => {
+            server.add_service(background_service(
+                "shift controller",
+                crate::traffic::Controller {
+                    traffic: shared.traffic.clone(),
+                    audit: shared.audit.clone(),
+                    current: current.clone(),
+                },
+            ));
+        }
+    }
     server.add_service(background_service(
         "rate limit upkeep",
         crate::rate_limit::Upkeep {

@@ -23,9 +23,13 @@ pub struct Shared {
     pub limits: crate::rate_limit::Registry,
     /// Route weights, shifts and color error windows, keyed by route name; persisted in
     /// `admin.state_file`.
-    pub traffic: crate::traffic::Traffic,
+    pub traffic: Arc<crate::traffic::Traffic>,
     /// `admin.audit_log`.
-    pub audit: crate::audit::Audit,
+    pub audit: Arc<crate::audit::Audit>,
+    /// Fleet mode (`[cluster]`): the shared store of weights, shifts and counts.
+    pub fleet: Option<Arc<crate::cluster::Fleet>>,
+    /// Fleet mode: the exchange of fleet-wide rate-limit counts.
+    pub exchange: Option<Arc<crate::cluster::limits::Exchange>>,
     /// Admin clients that failed authentication too often.
     pub lockout: crate::auth::Lockout,
     /// What the pools' backend names resolve to: survives reloads.
@@ -58,13 +62,28 @@ impl Shared {
         )));
         let health = crate::health::Registry::default();
         let limits = crate::rate_limit::Registry::default();
-        let traffic = crate::traffic::Traffic::new(
-            config.admin.state_file.clone(),
+        let traffic = Arc::new(crate::traffic::Traffic::new(
+            // fleet mode keeps the state in the store, not in a file
+            config
+                .admin
+                .state_file
+                .clone()
+                .filter(|_| config.cluster.is_none()),
             metrics.route_weight.clone(),
             metrics.shift_rollbacks.clone(),
-        );
+        ));
+        let (fleet, exchange) = match &config.cluster {
+            Some(c) => {
+                let (f, e) = crate::cluster::start(c, &config, &traffic, &metrics, &limits)?;
+                (Some(f), Some(e))
+            }
+            None => (None, None),
+        };
         traffic.apply_config(&config);
-        let audit = crate::audit::Audit::new(config.admin.audit_log.clone());
+        let audit = Arc::new(crate::audit::Audit::new(
+            config.admin.audit_log.clone(),
+            config.cluster.as_ref().map(|c| c.instance.clone()),
+        ));
         let discovery = Arc::new(crate::discovery::Discovery::new(
             metrics.dns_resolutions.clone(),
         ));
@@ -92,6 +111,10 @@ impl Shared {
                 discovery: &discovery,
             },
         );
+        if let Some(f) = &fleet {
+            // routes the store had no record of (or whose file changed) are recorded now
+            f.nudge();
+        }
         metrics.config_generation.set(1);
         metrics.config_last_reload_success.set(1);
         metrics.config_reloads.with_label_values(&["ok"]).inc();
@@ -105,6 +128,8 @@ impl Shared {
             limits,
             traffic,
             audit,
+            fleet,
+            exchange,
             lockout: crate::auth::Lockout::default(),
             discovery,
             conns: crate::edge::conns::Conns::default(),
@@ -172,6 +197,9 @@ impl Shared {
             crate::watch::fingerprint(&config_files(&self.config_path, &cfg)),
         );
         self.traffic.apply_config(&cfg);
+        if let Some(f) = &self.fleet {
+            f.nudge();
+        }
         let snap = Snapshot::build(Arc::new(cfg), generation, &self.registries());
         let limiters: Vec<_> = snap.routes.iter().filter_map(|r| r.limit.clone()).collect();
         self.install(snap);
@@ -297,6 +325,18 @@ fn restart_needed(running: &Config, new: &mut Config) -> Option<String> {
             running.server.threads, new.server.threads
         ));
         new.server.threads = running.server.threads;
+    }
+    if new.cluster != running.cluster {
+        what.push("[cluster]".to_string());
+        new.cluster = running.cluster.clone();
+    }
+    let scope = |c: &Config| c.rate_limit.as_ref().and_then(|r| r.cluster_sync);
+    if scope(new) != scope(running) {
+        what.push("rate_limit.scope/sync".to_string());
+        let keep = scope(running);
+        if let Some(r) = new.rate_limit.as_mut() {
+            r.cluster_sync = keep;
+        }
     }
     if new.server.access_log != running.server.access_log {
         what.push("server.access_log target".to_string());

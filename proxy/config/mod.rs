@@ -136,6 +136,46 @@ pub struct RateLimit {
     pub limit: Limit,
     pub ipv6_prefix: u8,
     pub exempt: Vec<IpNet>,
+    /// `scope = "cluster"`: counts are shared through `[cluster]`, exchanged every `sync`
+    /// (`Duration::ZERO`: one Redis call per request). `None`: each replica counts alone.
+    pub cluster_sync: Option<Duration>,
+}
+
+/// `[cluster]`: fleet mode through Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    pub redis: RedisTarget,
+    pub password_file: Option<PathBuf>,
+    pub tls: Option<RedisTls>,
+    /// This replica's name in `/status`, the audit log and the lease.
+    pub instance: String,
+    pub key_prefix: String,
+    /// Per Redis command.
+    pub timeout: Duration,
+}
+
+/// Where Redis is, from `cluster.redis`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// `redis://` or `rediss://` (the URL as given).
+    Single { url: String },
+    /// `redis+sentinel://h1:26379,h2:26379/mymaster[/db]`: the master is asked of the sentinels.
+    Sentinel {
+        sentinels: Vec<String>,
+        master: String,
+        db: i64,
+        tls: bool,
+    },
+    /// `redis+cluster://h1:6379,h2:6379`.
+    Cluster { nodes: Vec<String>, tls: bool },
+}
+
+/// `cluster.tls`: files of a `rediss://` connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisTls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 /// A route's rate limit.
@@ -324,6 +364,7 @@ pub struct Config {
     pub resolver: Resolver,
     pub client_ip: ClientIp,
     pub rate_limit: Option<RateLimit>,
+    pub cluster: Option<Cluster>,
     pub geoip: Option<GeoIp>,
     pub regions: Vec<Region>,
     pub pools: Vec<Pool>,
@@ -443,20 +484,16 @@ impl Builder<'_, '_> {
         let admin = self.admin(root);
         let tls = self.tls(root);
         let listeners = self.listeners(root, tls.is_some());
-        for (key, what) in [
-            ("cluster", "fleet mode"),
-            ("tracing", "OpenTelemetry tracing"),
-        ] {
-            if let Some(span) = root.key_span(key) {
-                self.not_yet(&span, &format!("[{key}] ({what})"));
-            }
+        if let Some(span) = root.key_span("tracing") {
+            self.not_yet(&span, "[tracing] (OpenTelemetry tracing)");
         }
+        let cluster = root.table(self.d, "cluster").and_then(|t| self.cluster(&t));
         let limits = self.limits(root);
         let resolver = self.resolver(root);
         let client_ip = self.client_ip(root);
         let rate_limit = root
             .table(self.d, "rate_limit")
-            .map(|t| self.rate_limit(&t));
+            .map(|t| self.rate_limit(&t, cluster.is_some()));
         let geoip = root.table(self.d, "geoip").and_then(|t| self.geoip(&t));
         let regions = self.regions(root);
         let pools = self.pools(root, &regions);
@@ -472,6 +509,7 @@ impl Builder<'_, '_> {
             resolver,
             client_ip,
             rate_limit,
+            cluster,
             geoip,
             regions,
             pools,
@@ -901,6 +939,92 @@ impl Builder<'_, '_> {
         r
     }
 
+    /// `[cluster]`: the Redis fleet mode shares state through.
+    fn cluster(&mut self, t: &Table) -> Option<Cluster> {
+        t.check_keys(
+            self.d,
+            &[
+                "redis",
+                "password_file",
+                "tls",
+                "instance",
+                "key_prefix",
+                "timeout",
+            ],
+        );
+        let redis = match t.string(self.d, "redis") {
+            Some(r) => match redis_target(&r.value) {
+                Ok(target) => Some(target),
+                Err(e) => {
+                    self.d.error(&r.span, format!("`cluster.redis`: {e}"));
+                    None
+                }
+            },
+            None => {
+                self.d.error(&t.span, "`cluster.redis` is required");
+                None
+            }
+        };
+        let password_file = t.string(self.d, "password_file").and_then(|f| {
+            let p = self.path(&f.value);
+            self.file_exists(&p, &f.span, "cluster.password_file")
+                .then_some(p)
+        });
+        let tls = t.table(self.d, "tls").map(|tt| {
+            tt.check_keys(self.d, &["ca", "cert", "key"]);
+            let mut file = |key: &str| -> Option<PathBuf> {
+                let s = tt.string(self.d, key)?;
+                let p = self.path(&s.value);
+                self.file_exists(&p, &s.span, &format!("cluster.tls.{key}"))
+                    .then_some(p)
+            };
+            let tls = RedisTls {
+                ca: file("ca"),
+                cert: file("cert"),
+                key: file("key"),
+            };
+            if tls.cert.is_some() != tls.key.is_some() {
+                self.d.error(
+                    &tt.span,
+                    "`cluster.tls` needs both `cert` and `key` for a client certificate",
+                );
+            }
+            tls
+        });
+        let instance = match t.string(self.d, "instance") {
+            Some(i) if !i.value.is_empty() => {
+                if i.value.len() > 128 || i.value.chars().any(|c| c.is_control()) {
+                    self.d.error(
+                        &i.span,
+                        "`cluster.instance` must be at most 128 printable characters",
+                    );
+                }
+                i.value
+            }
+            _ => host_name(),
+        };
+        let key_prefix = t
+            .string(self.d, "key_prefix")
+            .map_or_else(|| "sluice:".to_string(), |k| k.value);
+        let timeout = t
+            .duration(self.d, "timeout")
+            .map_or(Duration::from_millis(100), |d| {
+                if d.value < Duration::from_millis(1) || d.value > Duration::from_secs(10) {
+                    self.d
+                        .error(&d.span, "`cluster.timeout` must be between 1ms and 10s");
+                }
+                d.value
+            });
+        Some(Cluster {
+            redis: redis?,
+            password_file,
+            tls,
+            instance,
+            key_prefix,
+            timeout,
+        })
+    }
+
     /// `[route.limits]`: a route's own `max_body_bytes`.
     fn route_body_limit(&mut self, t: &Table) -> Option<u64> {
         let lt = t.table(self.d, "limits")?;
@@ -951,7 +1075,7 @@ impl Builder<'_, '_> {
         }
     }
 
-    fn rate_limit(&mut self, t: &Table) -> RateLimit {
+    fn rate_limit(&mut self, t: &Table, has_cluster: bool) -> RateLimit {
         t.check_keys(
             self.d,
             &[
@@ -964,18 +1088,34 @@ impl Builder<'_, '_> {
                 "sync",
             ],
         );
-        match t.string(self.d, "scope") {
+        let sync = t
+            .duration(self.d, "sync")
+            .map_or(Duration::from_millis(200), |d| {
+                if d.value > Duration::from_secs(10) {
+                    self.d
+                        .error(&d.span, "`rate_limit.sync` must be at most 10s");
+                }
+                d.value.min(Duration::from_secs(10))
+            });
+        let cluster_sync = match t.string(self.d, "scope") {
             Some(sc) if sc.value == "cluster" => {
-                self.not_yet(&sc.span, "`rate_limit.scope = \"cluster\"` (fleet mode)")
+                if !has_cluster {
+                    self.d.error(
+                        &sc.span,
+                        "`rate_limit.scope = \"cluster\"` needs a [cluster] table (the Redis the counts are shared through)",
+                    );
+                }
+                Some(sync)
             }
-            Some(sc) if sc.value != "local" => self.d.error(
-                &sc.span,
-                "`rate_limit.scope` must be \"local\" or \"cluster\"",
-            ),
-            _ => {}
-        }
-        // only used with scope = "cluster"; still checked
-        let _ = t.duration(self.d, "sync");
+            Some(sc) if sc.value != "local" => {
+                self.d.error(
+                    &sc.span,
+                    "`rate_limit.scope` must be \"local\" or \"cluster\"",
+                );
+                None
+            }
+            _ => None,
+        };
         let limit = self.limit(t);
         let ipv6_prefix = t
             .integer(self.d, "ipv6_prefix", 1, 128)
@@ -988,6 +1128,7 @@ impl Builder<'_, '_> {
             limit,
             ipv6_prefix,
             exempt,
+            cluster_sync,
         }
     }
 
@@ -1662,5 +1803,79 @@ impl Builder<'_, '_> {
             );
         }
         (blue as u8, green as u8)
+    }
+}
+
+/// The machine's host name (a pod's name in Kubernetes).
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("sluice-{}", std::process::id()))
+}
+
+/// Parses `cluster.redis`.
+fn redis_target(url: &str) -> Result<RedisTarget, String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| format!("\"{url}\" is not a URL (redis://host:port/db)"))?;
+    let hosts = |list: &str| -> Result<Vec<String>, String> {
+        let hosts: Vec<String> = list
+            .split(',')
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .collect();
+        if hosts.is_empty() {
+            return Err(format!("\"{url}\" names no host"));
+        }
+        for h in &hosts {
+            match h.rsplit_once(':') {
+                Some((_, port)) if port.parse::<u16>().is_ok() => {}
+                _ => return Err(format!("\"{h}\" in \"{url}\" is not host:port")),
+            }
+        }
+        Ok(hosts)
+    };
+    match scheme {
+        "redis" | "rediss" => {
+            redis::parse_redis_url(url).ok_or_else(|| format!("\"{url}\" is not a Redis URL"))?;
+            Ok(RedisTarget::Single {
+                url: url.to_string(),
+            })
+        }
+        "redis+sentinel" | "rediss+sentinel" => {
+            let mut parts = rest.splitn(3, '/');
+            let sentinels = hosts(parts.next().unwrap_or(""))?;
+            let master = parts
+                .next()
+                .filter(|m| !m.is_empty())
+                .ok_or_else(|| {
+                    format!(
+                        "\"{url}\" names no master (redis+sentinel://h1:26379,h2:26379/mymaster)"
+                    )
+                })?
+                .to_string();
+            let db = match parts.next() {
+                None | Some("") => 0,
+                Some(d) => d
+                    .parse()
+                    .map_err(|_| format!("\"{d}\" in \"{url}\" is not a database number"))?,
+            };
+            Ok(RedisTarget::Sentinel {
+                sentinels,
+                master,
+                db,
+                tls: scheme.starts_with("rediss"),
+            })
+        }
+        "redis+cluster" | "rediss+cluster" => Ok(RedisTarget::Cluster {
+            nodes: hosts(rest.trim_end_matches('/'))?,
+            tls: scheme.starts_with("rediss"),
+        }),
+        _ => Err(format!(
+            "\"{scheme}\" is not redis, rediss, redis+sentinel or redis+cluster"
+        )),
     }
 }

@@ -13,7 +13,7 @@ pub mod window;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -203,6 +203,8 @@ pub struct RolledBack {
 
 #[derive(Debug, Clone)]
 struct Inner {
+    /// Incremented by every change; in fleet mode, the Redis record's revision.
+    rev: u64,
     weights: Weights,
     source: Source,
     /// The config file's weights as last read: the admin weights hold until they change.
@@ -219,12 +221,27 @@ impl Inner {
         }
     }
     fn saved(&self) -> Option<SavedRoute> {
-        (self.source == Source::Admin || self.shift.is_some()).then(|| SavedRoute {
+        (self.source == Source::Admin || self.shift.is_some()).then(|| self.record())
+    }
+    /// The whole state, as fleet mode records it.
+    fn record(&self) -> SavedRoute {
+        SavedRoute {
             weights: self.weights,
             source: self.source,
             config_weights: self.config_weights,
             shift: self.shift.clone(),
-        })
+        }
+    }
+    fn take(&mut self, rev: u64, r: SavedRoute) {
+        self.rev = rev;
+        self.weights = r.weights;
+        self.source = r.source;
+        self.config_weights = r.config_weights;
+        self.shift = r.shift;
+        if !self.has_green && self.weights.green > 0 {
+            // the fleet says green, but this replica's config has no green pools
+            self.weights = Weights::new(100, 0);
+        }
     }
 }
 
@@ -233,6 +250,8 @@ pub struct RouteControl {
     pub name: String,
     green: AtomicU8,
     windows: [Window; 2],
+    /// Requests and failures per color since start (fleet mode sends the increments).
+    served: [[AtomicU64; 2]; 2],
     inner: Mutex<Inner>,
 }
 
@@ -244,7 +263,9 @@ impl RouteControl {
             name: name.to_string(),
             green: AtomicU8::new(w.green),
             windows: std::array::from_fn(|_| Window::new(Rollback::default().window)),
+            served: Default::default(),
             inner: Mutex::new(Inner {
+                rev: 0,
                 weights: w,
                 source: Source::Config,
                 config_weights: w,
@@ -263,6 +284,32 @@ impl RouteControl {
     /// Counts a request (or a failed connection attempt) to `color` for rollback decisions.
     pub fn record(&self, color: Color, failed: bool) {
         self.windows[color.index()].record(failed);
+        let served = &self.served[color.index()];
+        served[0].fetch_add(1, Ordering::Relaxed);
+        if failed {
+            served[1].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Requests and failures to `color` since start.
+    pub fn served(&self, color: Color) -> (u64, u64) {
+        let s = &self.served[color.index()];
+        (s[0].load(Ordering::Relaxed), s[1].load(Ordering::Relaxed))
+    }
+
+    /// The revision of the state in force.
+    pub fn revision(&self) -> u64 {
+        self.lock().rev
+    }
+
+    /// The rollback rule and, if a shift is running, its target and start (fleet mode's
+    /// controller fetches the fleet's counts for these).
+    pub fn running_shift(&self) -> Option<(Color, u64, Option<Rollback>)> {
+        let i = self.lock();
+        i.shift
+            .as_ref()
+            .filter(|s| s.running())
+            .map(|s| (s.to, s.started_at_ms, i.rollback))
     }
 
     pub fn totals(&self, color: Color) -> window::Totals {
@@ -286,6 +333,7 @@ fn rfc3339_ms(unix_ms: u64) -> String {
 fn route_json(name: &str, i: &Inner) -> Value {
     json!({
         "name": name,
+        "revision": i.rev,
         "weights": i.weights.to_json(),
         "source": i.source.name(),
         "shift": i.shift.as_ref().map(|s| json!({
@@ -320,6 +368,15 @@ pub struct Traffic {
     problem: Mutex<Option<String>>,
     route_weight: IntGaugeVec,
     rollbacks: IntCounterVec,
+    /// Fleet mode: revisions of the records preloaded from the store, and the routes whose
+    /// state the config file changed (to be recorded in the store).
+    fleet: Mutex<Option<Fleet>>,
+}
+
+#[derive(Default)]
+struct Fleet {
+    revs: HashMap<String, u64>,
+    to_push: std::collections::BTreeSet<String>,
 }
 
 impl Traffic {
@@ -368,6 +425,42 @@ impl Traffic {
             problem: Mutex::new(problem),
             route_weight,
             rollbacks,
+            fleet: Mutex::new(None),
+        }
+    }
+
+    /// Fleet mode: the state comes from the store's records (revision, state) instead of the
+    /// state file; call before the first `apply_config`.
+    pub fn preload(&self, records: Vec<(String, u64, SavedRoute)>) {
+        let mut f = Fleet::default();
+        let mut pending = self.ops();
+        pending.clear();
+        for (name, rev, r) in records {
+            f.revs.insert(name.clone(), rev);
+            pending.insert(name, r);
+        }
+        *self.fleet.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+    }
+
+    /// Fleet mode: the routes whose state the config file changed since the last call.
+    pub fn take_pushes(&self) -> Vec<String> {
+        self.fleet
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+            .map(|f| std::mem::take(&mut f.to_push).into_iter().collect())
+            .unwrap_or_default()
+    }
+
+    /// Fleet mode: `route` must be recorded in the store again (its local state is newer).
+    pub fn push_later(&self, route: &str) {
+        if let Some(f) = self
+            .fleet
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            f.to_push.insert(route.to_string());
         }
     }
 
@@ -393,6 +486,7 @@ impl Traffic {
     /// stay. At the first load, the state file's routes are restored by the same rule.
     pub fn apply_config(&self, cfg: &Config) {
         let mut pending = self.ops();
+        let mut fleet = self.fleet.lock().unwrap_or_else(|e| e.into_inner());
         let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
         let mut old = std::mem::take(&mut *routes);
         let mut changed = false;
@@ -403,12 +497,25 @@ impl Traffic {
             let ctl = match old.remove(&r.name) {
                 Some(ctl) => ctl,
                 None => {
-                    let (inner, restored_changed) = restore(&r.name, file, pending.remove(&r.name));
+                    let (mut inner, restored_changed) =
+                        restore(&r.name, file, pending.remove(&r.name));
+                    inner.rev = fleet
+                        .as_ref()
+                        .and_then(|f| f.revs.get(&r.name).copied())
+                        .unwrap_or(0);
+                    if let Some(f) = fleet.as_mut() {
+                        // a route the store has no record of yet is recorded from the file
+                        if restored_changed || !f.revs.contains_key(&r.name) {
+                            inner.rev += u64::from(restored_changed);
+                            f.to_push.insert(r.name.clone());
+                        }
+                    }
                     changed |= restored_changed;
                     Arc::new(RouteControl {
                         name: r.name.clone(),
                         green: AtomicU8::new(inner.weights.green),
                         windows: [Window::new(window), Window::new(window)],
+                        served: Default::default(),
                         inner: Mutex::new(inner),
                     })
                 }
@@ -423,6 +530,10 @@ impl Traffic {
                         );
                     }
                     changed |= i.source == Source::Admin || i.shift.is_some();
+                    i.rev += 1;
+                    if let Some(f) = fleet.as_mut() {
+                        f.to_push.insert(r.name.clone());
+                    }
                     i.weights = file;
                     i.source = Source::Config;
                     i.config_weights = file;
@@ -454,7 +565,10 @@ impl Traffic {
         }
         // state of routes the config does not have is dropped at the first save
         pending.clear();
-        if changed {
+        if let Some(f) = fleet.as_mut() {
+            f.revs.clear();
+        }
+        if changed && fleet.is_none() {
             self.save(&routes, None);
         }
     }
@@ -510,24 +624,29 @@ impl Traffic {
         }
     }
 
-    /// Applies `f` to a route's state, saves, and publishes the new weights.
-    fn change(
-        &self,
-        route: &str,
-        f: impl FnOnce(&mut Inner, &RouteControl) -> Result<(), Refused>,
-    ) -> Result<Change, Refused> {
-        let _ops = self.ops();
-        let routes = self.map();
-        let ctl = routes
+    /// Works out `op` on a route's current state: the control, the state before and after.
+    fn compute(&self, route: &str, op: Op) -> Result<(Arc<RouteControl>, Inner, Inner), Refused> {
+        let ctl = self
             .get(route)
             .ok_or_else(|| refused(404, format!("unknown route \"{route}\"")))?;
         let before = ctl.lock().clone();
         let mut after = before.clone();
-        f(&mut after, ctl)?;
-        let warning = self.save(&routes, Some((route, &after)));
+        apply_op(route, &mut after, &ctl, op)?;
+        after.rev = before.rev + 1;
+        Ok((ctl, before, after))
+    }
+
+    /// Applies an admin operation here (one replica: the state file keeps it).
+    pub fn apply(&self, route: &str, op: Op) -> Result<Change, Refused> {
+        let _ops = self.ops();
+        let (ctl, before, after) = self.compute(route, op)?;
+        let warning = {
+            let routes = self.map();
+            self.save(&routes, Some((route, &after)))
+        };
         let mut i = ctl.lock();
         *i = after;
-        self.publish(ctl, &i);
+        self.publish(&ctl, &i);
         Ok(Change {
             before: route_json(route, &before),
             after: route_json(route, &i),
@@ -535,20 +654,52 @@ impl Traffic {
         })
     }
 
+    /// An admin operation worked out but not applied (fleet mode commits it to the store
+    /// first): the revision it builds on, the state before (JSON) and the record after.
+    pub fn propose(&self, route: &str, op: Op) -> Result<(u64, Value, SavedRoute), Refused> {
+        let (_, before, after) = self.compute(route, op)?;
+        Ok((before.rev, route_json(route, &before), after.record()))
+    }
+
+    /// Takes a route's state as recorded elsewhere (the fleet's store) if it is newer than
+    /// the one in force. Returns the route's JSON after.
+    pub fn adopt(&self, route: &str, rev: u64, r: SavedRoute) -> Option<Value> {
+        let ctl = self.get(route)?;
+        let mut i = ctl.lock();
+        if rev < i.rev || (rev == i.rev && i.record() == r) {
+            return None;
+        }
+        if i.weights != r.weights {
+            log::info!(
+                "route {route}: fleet revision {rev}: blue {} / green {}",
+                r.weights.blue,
+                r.weights.green
+            );
+        }
+        i.take(rev, r);
+        self.publish(&ctl, &i);
+        Some(route_json(route, &i))
+    }
+
+    /// Every route's revision and whole state (fleet mode re-seeds an empty store with them).
+    pub fn records(&self) -> Vec<(String, u64, SavedRoute)> {
+        self.map()
+            .iter()
+            .map(|(n, c)| {
+                let i = c.lock();
+                (n.clone(), i.rev, i.record())
+            })
+            .collect()
+    }
+
+    /// Every route's name.
+    pub fn route_names(&self) -> Vec<String> {
+        self.map().keys().cloned().collect()
+    }
+
     /// `PUT /routes/{name}/weights`: takes effect for the next request; stops a running shift.
     pub fn set_weights(&self, route: &str, w: Weights) -> Result<Change, Refused> {
-        self.change(route, |i, _| {
-            if w.green > 0 && !i.has_green {
-                return Err(refused(
-                    400,
-                    format!("route \"{route}\" has no green pools: green must be 0"),
-                ));
-            }
-            i.stop_running(ShiftState::Stopped, "weights set through the API");
-            i.weights = w;
-            i.source = Source::Admin;
-            Ok(())
-        })
+        self.apply(route, Op::Weights(w))
     }
 
     /// `POST /routes/{name}/shift`: the first step is taken at once, the next after `every`.
@@ -559,7 +710,173 @@ impl Traffic {
         step: u8,
         every: Duration,
     ) -> Result<Change, Refused> {
-        self.change(route, |i, ctl| {
+        self.apply(route, Op::Shift { to, step, every })
+    }
+
+    /// `DELETE /routes/{name}/shift`: a running shift stops where it is.
+    pub fn stop_shift(&self, route: &str) -> Result<Change, Refused> {
+        self.apply(route, Op::Stop)
+    }
+
+    /// The controller's tick on this replica's own counts: rolls back shifts whose target
+    /// fails, takes the steps that are due. Returns the rollbacks (for the log and the audit
+    /// trail).
+    pub fn tick(&self, snap: &Snapshot) -> Vec<RolledBack> {
+        let _ops = self.ops();
+        let decisions = self.decide(snap, &|ctl, c| ctl.totals(c), true);
+        self.apply_decisions(decisions)
+    }
+
+    /// Applies decisions here; saves the state file once.
+    pub fn apply_decisions(&self, decisions: Vec<Decision>) -> Vec<RolledBack> {
+        if decisions.is_empty() {
+            return Vec::new();
+        }
+        let mut events = Vec::new();
+        let routes = self.map();
+        for d in decisions {
+            let Some(ctl) = routes.get(&d.route) else {
+                continue;
+            };
+            let mut i = ctl.lock();
+            if i.rev != d.base {
+                continue;
+            }
+            *i = d.after;
+            self.publish(ctl, &i);
+            if let Some(e) = d.event {
+                self.rolled_back(&e);
+                events.push(e);
+            }
+        }
+        self.save(&routes, None);
+        events
+    }
+
+    /// Counts and logs a rollback (by whichever replica made it).
+    pub fn rolled_back(&self, e: &RolledBack) {
+        self.rollbacks.with_label_values(&[&e.route]).inc();
+        log::warn!("route {}: shift rolled back: {}", e.route, e.reason);
+    }
+
+    /// What the controller would change now: rollbacks of shifts whose target fails (judged
+    /// on `totals`), and, with `steps`, the steps that are due.
+    pub fn decide(
+        &self,
+        snap: &Snapshot,
+        totals: &dyn Fn(&RouteControl, Color) -> window::Totals,
+        steps: bool,
+    ) -> Vec<Decision> {
+        let routes = self.map();
+        let now = now_ms();
+        let mut out = Vec::new();
+        for rt in &snap.routes {
+            let ctl = &rt.control;
+            // a route renamed away by a reload in between: not this map's control
+            if !routes.get(&ctl.name).is_some_and(|c| Arc::ptr_eq(c, ctl)) {
+                continue;
+            }
+            let before = ctl.lock().clone();
+            let Some(shift) = before.shift.clone().filter(Shift::running) else {
+                continue;
+            };
+            let mut i = before.clone();
+            i.rev += 1;
+            let to = shift.to;
+            let healthy = rt.colors[to.index()]
+                .pools
+                .iter()
+                .any(|p| snap.pools[*p].backends.iter().any(|b| b.health.usable()));
+            let why = if !healthy {
+                Some(format!("{to} has no healthy backend"))
+            } else {
+                i.rollback.and_then(|rule| {
+                    let t = totals(ctl, to);
+                    (t.requests >= u64::from(rule.min_requests)
+                        && t.error_rate() > rule.max_error_rate)
+                        .then(|| {
+                            format!(
+                                "{to} error rate {:.1}% ({} of {} requests in {}) is over {:.1}%",
+                                t.error_rate() * 100.0,
+                                t.failures,
+                                t.requests,
+                                humantime::format_duration(rule.window),
+                                rule.max_error_rate * 100.0
+                            )
+                        })
+                })
+            };
+            let event = if let Some(reason) = why {
+                i.weights = shift.from;
+                i.source = shift.from_source;
+                if let Some(s) = i.shift.as_mut() {
+                    s.end(ShiftState::RolledBack, Some(reason.clone()));
+                }
+                Some(RolledBack {
+                    route: ctl.name.clone(),
+                    reason,
+                    before: route_json(&ctl.name, &before),
+                    after: route_json(&ctl.name, &i),
+                })
+            } else if steps && shift.next_at_ms.is_some_and(|t| t <= now) {
+                i.weights = Weights::with(to, i.weights.of(to).saturating_add(shift.step));
+                let done = i.weights.of(to) == 100;
+                if let Some(s) = i.shift.as_mut() {
+                    if done {
+                        s.end(ShiftState::Done, None);
+                    } else {
+                        // steps keep their cadence; after a long pause, the next is `every` on
+                        s.next_at_ms = Some((s.next_at_ms.unwrap_or(now) + s.every_ms).max(now));
+                    }
+                }
+                log::info!(
+                    "route {}: shift to {to}: blue {} / green {}{}",
+                    ctl.name,
+                    i.weights.blue,
+                    i.weights.green,
+                    if done { " (done)" } else { "" }
+                );
+                None
+            } else {
+                continue;
+            };
+            out.push(Decision {
+                route: ctl.name.clone(),
+                base: before.rev,
+                after: i,
+                event,
+            });
+        }
+        out
+    }
+}
+
+/// An admin operation on a route's traffic.
+#[derive(Debug, Clone, Copy)]
+pub enum Op {
+    Weights(Weights),
+    Shift {
+        to: Color,
+        step: u8,
+        every: Duration,
+    },
+    Stop,
+}
+
+fn apply_op(route: &str, i: &mut Inner, ctl: &RouteControl, op: Op) -> Result<(), Refused> {
+    match op {
+        Op::Weights(w) => {
+            if w.green > 0 && !i.has_green {
+                return Err(refused(
+                    400,
+                    format!("route \"{route}\" has no green pools: green must be 0"),
+                ));
+            }
+            i.stop_running(ShiftState::Stopped, "weights set through the API");
+            i.weights = w;
+            i.source = Source::Admin;
+        }
+        Op::Shift { to, step, every } => {
             if !i.has_green {
                 return Err(refused(
                     400,
@@ -593,108 +910,24 @@ impl Traffic {
             }
             i.shift = Some(shift);
             i.source = Source::Admin;
-            Ok(())
-        })
-    }
-
-    /// `DELETE /routes/{name}/shift`: a running shift stops where it is.
-    pub fn stop_shift(&self, route: &str) -> Result<Change, Refused> {
-        self.change(route, |i, _| {
-            i.stop_running(ShiftState::Stopped, "stopped through the API");
-            Ok(())
-        })
-    }
-
-    /// The controller's tick: rolls back shifts whose target fails, takes the steps that are
-    /// due. Returns the rollbacks (for the log and the audit trail).
-    pub fn tick(&self, snap: &Snapshot) -> Vec<RolledBack> {
-        let _ops = self.ops();
-        let routes = self.map();
-        let now = now_ms();
-        let mut changed = false;
-        let mut events = Vec::new();
-        for rt in &snap.routes {
-            let ctl = &rt.control;
-            // a route renamed away by a reload in between: not this map's control
-            if !routes.get(&ctl.name).is_some_and(|c| Arc::ptr_eq(c, ctl)) {
-                continue;
-            }
-            let mut i = ctl.lock();
-            let Some(shift) = i.shift.clone().filter(Shift::running) else {
-                continue;
-            };
-            let to = shift.to;
-            let healthy = rt.colors[to.index()]
-                .pools
-                .iter()
-                .any(|p| snap.pools[*p].backends.iter().any(|b| b.health.usable()));
-            let why = if !healthy {
-                Some(format!("{to} has no healthy backend"))
-            } else {
-                i.rollback.and_then(|rule| {
-                    let t = ctl.windows[to.index()].totals();
-                    (t.requests >= u64::from(rule.min_requests)
-                        && t.error_rate() > rule.max_error_rate)
-                        .then(|| {
-                            format!(
-                                "{to} error rate {:.1}% ({} of {} requests in {}) is over {:.1}%",
-                                t.error_rate() * 100.0,
-                                t.failures,
-                                t.requests,
-                                humantime::format_duration(rule.window),
-                                rule.max_error_rate * 100.0
-                            )
-                        })
-                })
-            };
-            if let Some(reason) = why {
-                let before = route_json(&ctl.name, &i);
-                i.weights = shift.from;
-                i.source = shift.from_source;
-                if let Some(s) = i.shift.as_mut() {
-                    s.end(ShiftState::RolledBack, Some(reason.clone()));
-                }
-                self.rollbacks.with_label_values(&[&ctl.name]).inc();
-                log::warn!(
-                    "route {}: shift to {to} rolled back to blue {} / green {}: {reason}",
-                    ctl.name,
-                    shift.from.blue,
-                    shift.from.green
-                );
-                events.push(RolledBack {
-                    route: ctl.name.clone(),
-                    reason,
-                    before,
-                    after: route_json(&ctl.name, &i),
-                });
-            } else if shift.next_at_ms.is_some_and(|t| t <= now) {
-                i.weights = Weights::with(to, i.weights.of(to).saturating_add(shift.step));
-                let done = i.weights.of(to) == 100;
-                if let Some(s) = i.shift.as_mut() {
-                    if done {
-                        s.end(ShiftState::Done, None);
-                    } else {
-                        // steps keep their cadence; after a long pause, the next is `every` on
-                        s.next_at_ms = Some((s.next_at_ms.unwrap_or(now) + s.every_ms).max(now));
-                    }
-                }
-                log::info!(
-                    "route {}: shift to {to}: blue {} / green {}{}",
-                    ctl.name,
-                    i.weights.blue,
-                    i.weights.green,
-                    if done { " (done)" } else { "" }
-                );
-            } else {
-                continue;
-            }
-            changed = true;
-            self.publish(ctl, &i);
         }
-        if changed {
-            self.save(&routes, None);
-        }
-        events
+        Op::Stop => i.stop_running(ShiftState::Stopped, "stopped through the API"),
+    }
+    Ok(())
+}
+
+/// A change the controller decided on, built on revision `base` of the route.
+pub struct Decision {
+    pub route: String,
+    pub base: u64,
+    after: Inner,
+    pub event: Option<RolledBack>,
+}
+
+impl Decision {
+    /// The route's whole state after the change.
+    pub fn record(&self) -> SavedRoute {
+        self.after.record()
     }
 }
 
@@ -703,6 +936,7 @@ impl Traffic {
 /// rewriting.
 fn restore(name: &str, file: Weights, saved: Option<SavedRoute>) -> (Inner, bool) {
     let mut i = Inner {
+        rev: 0,
         weights: file,
         source: Source::Config,
         config_weights: file,
@@ -742,7 +976,9 @@ fn restore(name: &str, file: Weights, saved: Option<SavedRoute>) -> (Inner, bool
 /// Runs the shift controller every 100 ms: rollbacks happen well within a second of their
 /// condition, steps within 100 ms of being due.
 pub struct Controller {
-    pub shared: Arc<crate::state::Shared>,
+    pub traffic: Arc<Traffic>,
+    pub audit: Arc<crate::audit::Audit>,
+    pub current: Arc<dyn Fn() -> Arc<Snapshot> + Send + Sync>,
 }
 
 pub const TICK: Duration = Duration::from_millis(100);
@@ -757,12 +993,12 @@ impl pingora::services::background::BackgroundService for Controller {
                 _ = every.tick() => {}
                 _ = shutdown.changed() => return,
             }
-            let shared = self.shared.clone();
+            let (traffic, audit, snap) =
+                (self.traffic.clone(), self.audit.clone(), (self.current)());
             // the state file is written with fsync: off the async threads
             let done = tokio::task::spawn_blocking(move || {
-                let snap = shared.snapshot();
-                for e in shared.traffic.tick(&snap) {
-                    shared.audit.rollback(&e);
+                for e in traffic.tick(&snap) {
+                    audit.rollback(&e);
                 }
             })
             .await;

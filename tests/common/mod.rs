@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod h2raw;
+pub mod redis;
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
