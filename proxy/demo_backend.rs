@@ -263,7 +263,9 @@ async fn handle(
             let n = state.answered.fetch_add(1, Ordering::SeqCst);
             let every = state.error_every.load(Ordering::SeqCst).max(1);
             let status = match state.error_status.load(Ordering::SeqCst) {
-                s if s > 0 && n % every == 0 => StatusCode::from_u16(s).unwrap_or(StatusCode::OK),
+                s if s > 0 && n.is_multiple_of(every) => {
+                    StatusCode::from_u16(s).unwrap_or(StatusCode::OK)
+                }
                 _ => StatusCode::OK,
             };
             Ok(text(status, name, format!("{name}\n")))

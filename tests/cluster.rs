@@ -480,11 +480,9 @@ fn admitted(targets: &[SocketAddr], total: usize, per_sec: u64) -> usize {
                 let start = Instant::now();
                 let mut conn: Option<std::net::TcpStream> = None;
                 for k in 0..per_target {
-                    if per_sec > 0 {
-                        let due = start
-                            + Duration::from_micros(
-                                k as u64 * 1_000_000 * targets.len() as u64 / per_sec,
-                            );
+                    let offset = (k as u64 * 1_000_000 * targets.len() as u64).checked_div(per_sec);
+                    if let Some(us) = offset {
+                        let due = start + Duration::from_micros(us);
                         if let Some(wait) = due.checked_duration_since(Instant::now()) {
                             std::thread::sleep(wait);
                         }
