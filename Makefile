@@ -51,9 +51,10 @@ run: build
 	trap 'kill -TERM $${pids[3]} 2>/dev/null; wait $${pids[3]} 2>/dev/null; kill $${pids[@]} 2>/dev/null; wait 2>/dev/null' INT TERM EXIT; \
 	wait $${pids[3]}
 
-# Real servers the tests start on loopback ports, installed with apt when missing: dnsmasq (DNS
+# Real servers the tests start on loopback ports, installed with apt when missing: redis-server,
+# redis-sentinel and redis-cli (fleet mode, tests/cluster.rs), dnsmasq (DNS
 # discovery, tests/discovery.rs). kubectl renders deploy/ in tests/deploy.rs (skipped without it).
-TEST_TOOLS := dnsmasq:dnsmasq-base
+TEST_TOOLS := dnsmasq:dnsmasq-base redis-server:redis-server redis-sentinel:redis-sentinel redis-cli:redis-tools
 test-deps:
 	@missing=""; \
 	for t in $(TEST_TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \

@@ -38,6 +38,8 @@ struct Fleet {
     redis_url: String,
     prefix: String,
     extra: String,
+    /// More keys of `[cluster]`.
+    cluster_extra: String,
 }
 
 struct Replica {
@@ -48,6 +50,16 @@ struct Replica {
 impl Fleet {
     /// `n` replicas over one blue and one green backend, sharing `redis_url` under `prefix`.
     fn start(n: usize, redis_url: &str, prefix: &str, extra: &str) -> Fleet {
+        Self::start_with(n, redis_url, prefix, "", extra)
+    }
+
+    fn start_with(
+        n: usize,
+        redis_url: &str,
+        prefix: &str,
+        cluster_extra: &str,
+        extra: &str,
+    ) -> Fleet {
         let dir = tempdir();
         let blue = Backend::start(dir.path(), "blue-1");
         let green = Backend::start(dir.path(), "green-1");
@@ -59,6 +71,7 @@ impl Fleet {
             redis_url: redis_url.to_string(),
             prefix: prefix.to_string(),
             extra: extra.to_string(),
+            cluster_extra: cluster_extra.to_string(),
         };
         for _ in 0..n {
             f.add();
@@ -86,6 +99,7 @@ redis = "{redis}"
 instance = "r{i}"
 key_prefix = "{prefix}"
 timeout = "250ms"
+{cluster_extra}
 [[listener]]
 listen = "{listen}"
 [[pool]]
@@ -113,6 +127,7 @@ min_requests = 30
             blue = self.blue.addr,
             green = self.green.addr,
             extra = self.extra,
+            cluster_extra = self.cluster_extra,
         );
         let sluice = Sluice::start(&dir, &config);
         self.replicas.push(Some(Replica { sluice, listen }));
@@ -134,6 +149,24 @@ min_requests = 30
         if let Some(mut r) = self.replicas[i].take() {
             r.sluice.proc.signal(libc::SIGKILL);
             r.sluice.proc.wait_exit(Duration::from_secs(5));
+        }
+    }
+}
+
+impl Fleet {
+    /// Waits until every replica reaches the store and sees every other one (the share of a
+    /// client's budget is taken over the live members).
+    fn wait_members(&self) {
+        let n = self.live().count();
+        for (i, r) in self.live() {
+            assert!(
+                wait_until(Duration::from_secs(5), || {
+                    let c = &r.sluice.status()["cluster"];
+                    c["store"] == "up" && c["members"].as_array().is_some_and(|m| m.len() == n)
+                }),
+                "replica {i}: {}",
+                r.sluice.status()["cluster"]
+            );
         }
     }
 }
@@ -530,14 +563,9 @@ fn limit_fleet(scope: &str, prefix_: &str) -> Fleet {
         ),
     )
     .tap(|f| {
-        // the first exchange has happened on every replica
-        for (_, r) in f.live() {
-            assert!(wait_until(Duration::from_secs(3), || r
-                .sluice
-                .metric("sluice_cluster_store_up")
-                == Some(1.0)));
-        }
-        std::thread::sleep(Duration::from_millis(400));
+        f.wait_members();
+        // and the first exchange has happened
+        std::thread::sleep(Duration::from_millis(300));
     })
 }
 
@@ -716,4 +744,226 @@ fn sentinel_failover_under_load_writes_work_again_after_it() {
     assert!(ok > 100);
     assert_eq!(failed, 0);
     drop(sentinel);
+}
+
+#[test]
+fn sync_0s_asks_redis_per_request_and_is_exact() {
+    let redis = shared_redis();
+    let f = Fleet::start(
+        2,
+        &format!("redis://{redis}/0"),
+        &prefix("exact"),
+        "[rate_limit]\nrequests = 20\nper = \"1m\"\nburst = 20\nscope = \"cluster\"\nsync = \"0s\"\n",
+    );
+    f.wait_members();
+    let targets: Vec<SocketAddr> = f.live().map(|(_, r)| r.listen).collect();
+    let ok = admitted(&targets, 60, 0);
+    eprintln!("sync = 0s: {ok} of 60 admitted against 20/min over 2 replicas");
+    assert!((20..=21).contains(&ok), "{ok}");
+}
+
+#[test]
+fn file_weights_changed_on_every_replica_win_once_fleet_wide() {
+    let redis = shared_redis();
+    let f = Fleet::start(3, &format!("redis://{redis}/0"), &prefix("file"), "");
+    let (code, v) = f.r(0).admin(
+        "PUT",
+        "/routes/shop/weights",
+        r#"{"blue": 0, "green": 100}"#,
+    );
+    assert_eq!(code, 200, "{v}");
+    let rev = v["revision"].as_u64().expect("revision");
+    for (_, r) in f.live() {
+        assert!(wait_until(Duration::from_secs(2), || r.green() == 100));
+    }
+    // the ConfigMap changes: every replica sees the new file and reloads
+    for (_, r) in f.live() {
+        let text = std::fs::read_to_string(&r.sluice.config).expect("config");
+        write_by_rename(
+            &r.sluice.config,
+            &text.replace(
+                "weights = { blue = 100, green = 0 }",
+                "weights = { blue = 70, green = 30 }",
+            ),
+        );
+        let (code, v) = r.admin("POST", "/reload", "");
+        assert_eq!(code, 200, "{v}");
+    }
+    for (i, r) in f.live() {
+        assert!(
+            wait_until(Duration::from_secs(3), || {
+                let route = r.route();
+                route["weights"]["green"] == 30 && route["source"] == "config"
+            }),
+            "replica {i}: {}",
+            r.route()
+        );
+    }
+    std::thread::sleep(Duration::from_millis(1200));
+    // recorded once: one revision more than the admin write, on every replica
+    for (i, r) in f.live() {
+        assert_eq!(r.route()["revision"].as_u64(), Some(rev + 1), "replica {i}");
+    }
+    // a further reload of the same file changes nothing
+    let (code, _) = f.r(2).admin("POST", "/reload", "");
+    assert_eq!(code, 200);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(f.r(0).route()["revision"].as_u64(), Some(rev + 1));
+}
+
+#[test]
+fn a_rotated_password_is_used_for_new_connections() {
+    let dir = tempdir();
+    let redis = Redis::start(dir.path());
+    assert_eq!(
+        redis.cli(&["CONFIG", "SET", "requirepass", "first-secret"]),
+        "OK"
+    );
+    let pw = dir.path().join("redis.password");
+    std::fs::write(&pw, "first-secret\n").expect("password");
+    let f = Fleet::start_with(
+        2,
+        &format!("redis://{}/0", redis.addr),
+        "pw:",
+        &format!("password_file = \"{}\"", pw.display()),
+        "",
+    );
+    let (code, v) = f.r(0).admin(
+        "PUT",
+        "/routes/shop/weights",
+        r#"{"blue": 0, "green": 100}"#,
+    );
+    assert_eq!(code, 200, "{v}");
+    // rotation: the server's password changes, then the file; connections are cut
+    let auth = ["-a", "first-secret", "--no-auth-warning"];
+    let cli = |args: &[&str]| {
+        let mut all = auth.to_vec();
+        all.extend_from_slice(args);
+        redis.cli(&all)
+    };
+    assert_eq!(
+        cli(&["CONFIG", "SET", "requirepass", "second-secret"]),
+        "OK"
+    );
+    std::fs::write(&pw, "second-secret\n").expect("password");
+    let auth2 = [
+        "-a",
+        "second-secret",
+        "--no-auth-warning",
+        "CLIENT",
+        "KILL",
+        "TYPE",
+        "normal",
+    ];
+    let _ = redis.cli(&auth2);
+    let _ = redis.cli(&[
+        "-a",
+        "second-secret",
+        "--no-auth-warning",
+        "CLIENT",
+        "KILL",
+        "TYPE",
+        "pubsub",
+    ]);
+    let mut last = (0, Value::Null);
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            last = f.r(1).admin(
+                "PUT",
+                "/routes/shop/weights",
+                r#"{"blue": 40, "green": 60}"#,
+            );
+            last.0 == 200
+        }),
+        "writes with the new password: {} {}",
+        last.0,
+        last.1
+    );
+    assert!(wait_until(Duration::from_secs(2), || f.r(0).green() == 60));
+}
+
+#[test]
+fn rediss_with_a_client_certificate() {
+    let dir = tempdir();
+    let ca = Ca::new(dir.path(), "redis");
+    let (cert, key) = ca.issue(dir.path(), "redis-server", &["127.0.0.1", "localhost"]);
+    let (ccert, ckey) = ca.issue(dir.path(), "sluice-client", &["sluice"]);
+    let redis = Redis::tls(dir.path(), &cert, &key, &ca.pem_path);
+    let f = Fleet::start_with(
+        2,
+        &format!("rediss://{}/0", redis.addr),
+        "tls:",
+        &format!(
+            "tls = {{ ca = \"{}\", cert = \"{}\", key = \"{}\" }}",
+            ca.pem_path.display(),
+            ccert.display(),
+            ckey.display()
+        ),
+        "",
+    );
+    assert!(wait_until(Duration::from_secs(3), || f
+        .r(0)
+        .sluice
+        .status()["cluster"]["store"]
+        == "up"));
+    let (code, v) = f.r(0).admin(
+        "PUT",
+        "/routes/shop/weights",
+        r#"{"blue": 0, "green": 100}"#,
+    );
+    assert_eq!(code, 200, "{v}");
+    assert!(wait_until(Duration::from_secs(2), || f.r(1).green() == 100));
+    // without the client certificate the server refuses: the store is down for that replica
+    let bad = Fleet::start_with(
+        1,
+        &format!("rediss://{}/0", redis.addr),
+        "tls:",
+        &format!("tls = {{ ca = \"{}\" }}", ca.pem_path.display()),
+        "",
+    );
+    let (code, v) = bad.r(0).admin(
+        "PUT",
+        "/routes/shop/weights",
+        r#"{"blue": 100, "green": 0}"#,
+    );
+    assert_eq!(code, 503, "{v}");
+    assert_eq!(bad.r(0).sluice.status()["cluster"]["store"], "down");
+}
+
+#[test]
+fn redis_cluster_keeps_each_route_in_one_slot() {
+    let dir = tempdir();
+    let nodes: Vec<Redis> = (0..3).map(|_| Redis::cluster_node(dir.path())).collect();
+    common::redis::create_cluster(&nodes);
+    let url = format!(
+        "redis+cluster://{}",
+        nodes
+            .iter()
+            .map(|n| n.addr.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let f = Fleet::start(
+        2,
+        &url,
+        "cl:",
+        "[rate_limit]\nrequests = 100\nper = \"1m\"\nburst = 100\nscope = \"cluster\"\nsync = \"200ms\"\n",
+    );
+    f.wait_members();
+    let (code, v) = f.r(0).admin(
+        "PUT",
+        "/routes/shop/weights",
+        r#"{"blue": 0, "green": 100}"#,
+    );
+    assert_eq!(code, 200, "{v}");
+    let put = Instant::now();
+    assert!(wait_until(Duration::from_secs(3), || f.r(1).green() == 100));
+    eprintln!(
+        "redis cluster: weights on the other replica {:?} after the PUT",
+        put.elapsed()
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    let ok = admitted(&f.live().map(|(_, r)| r.listen).collect::<Vec<_>>(), 300, 0);
+    eprintln!("redis cluster: {ok} of 300 admitted against 100/min over 2 replicas");
+    assert!((95..=105).contains(&ok), "{ok}");
 }

@@ -9,12 +9,14 @@
 //! left and a burst faster than one `sync` cannot multiply the limit by the replica count.
 //!
 //! Error bound: grants are taken from the fleet's quota atomically, so granted requests never
-//! exceed the limit. The only requests admitted beyond it are those of a client this replica
-//! has not seen before (or forgot after a whole idle window): until the next exchange, at most
-//! `sync` later, it may admit `burst / live replicas` of them on trust. Over the fleet that is
-//! at most one burst in total when every replica meets the client at once (which is then
-//! spent from the fleet's quota) — so a new client gets at most `burst` at once — and at most
-//! `burst / replicas` extra when the client already spent its quota on other replicas.
+//! exceed the limit. A client a replica has not met before (or forgot after a whole idle
+//! window) gets `burst / live replicas` on trust until the next exchange (at most `sync`
+//! later), which charges that trust whole and grants nothing more, so trust given by replicas
+//! meeting a client at the same time adds up to one burst at most: a new client gets `burst`
+//! at once, as with one replica. The one excess: a replica meeting a client late, after the
+//! other replicas spent its quota, admits up to `burst / live replicas` beyond the limit; that
+//! overdraft is charged, so the client waits it off afterwards and the limit holds over any
+//! longer window. Live replicas are those heard from within 3 s.
 //!
 //! `sync = "0s"`: every request asks the store (one Lua GCRA call, exact), within the command
 //! timeout. Whenever the store cannot be asked, the replica counts alone (the local GCRA of
@@ -33,7 +35,8 @@ use crate::rate_limit::{Counts, Denied, Limit, LocalCounts, Verdict};
 /// GCRA on Redis's clock. KEYS[1]: the client's state (its theoretical arrival time, µs).
 /// ARGV: requests spent beyond this replica's grant (added even past the limit: they were
 /// admitted), requests of the grant not spent (given back), emission interval (µs), burst
-/// tolerance (µs), live replicas, exact (1: one request, refused past the limit).
+/// tolerance (µs), live replicas, mode (1: exact, one request refused past the limit; 2:
+/// charge only, no new grant; 0: charge and grant).
 /// Returns {granted, available after the grant, retry_after_ms}.
 const GCRA: &str = r"
 local t = redis.call('TIME')
@@ -49,6 +52,8 @@ if avail < 0 then avail = 0 end
 local grant
 if ARGV[6] == '1' then
   grant = math.min(avail, 1)
+elseif ARGV[6] == '2' then
+  grant = 0
 else
   grant = math.min(avail, math.ceil(avail / math.max(tonumber(ARGV[5]), 1)))
 end
@@ -70,6 +75,8 @@ struct Client {
     pending: AtomicU32,
     /// The last grant, reserved in the store (written by the exchange only).
     granted: AtomicI64,
+    /// Not exchanged about yet: the trust it was given is charged whole at the first exchange.
+    fresh: AtomicBool,
     /// Refused since the last exchange: the next exchange asks for a fresh budget.
     refused: AtomicBool,
     /// When a refused client may try again (unix ms, from the last exchange).
@@ -157,6 +164,7 @@ impl Counts for FleetCounts {
             budget: AtomicI64::new(budget),
             pending: AtomicU32::new(1),
             granted: AtomicI64::new(0),
+            fresh: AtomicBool::new(true),
             refused: AtomicBool::new(false),
             retry_at_ms: AtomicU64::new(0),
             seen_ms: AtomicU64::new(now),
@@ -165,7 +173,7 @@ impl Counts for FleetCounts {
     }
 
     async fn ask(&self, key: u128) -> Result<(), Denied> {
-        let ex = self.exchange_one(key, 0, 0, true).await;
+        let ex = self.exchange_one(key, 0, 0, Mode::Exact).await;
         match ex {
             Ok((1, _, _)) => Ok(()),
             Ok((_, _, retry_ms)) => Err(Denied::after(Duration::from_millis(retry_ms))),
@@ -198,7 +206,7 @@ impl FleetCounts {
         key: u128,
         over: u64,
         back: u64,
-        exact: bool,
+        mode: Mode,
     ) -> Result<(u64, u64, u64), super::Unavailable> {
         let store = &self.store;
         let script = Script::new(GCRA);
@@ -214,7 +222,7 @@ impl FleetCounts {
                     .arg(interval)
                     .arg(tau)
                     .arg(live)
-                    .arg(if exact { "1" } else { "0" })
+                    .arg(mode as u8)
                     .invoke_async(&mut c)
                     .await
             })
@@ -222,37 +230,54 @@ impl FleetCounts {
     }
 
     /// Exchanges with the store for every client seen (or refused) since the last exchange:
-    /// reports what was spent, gives back what was not, takes a new grant. Returns whether
-    /// the store answered.
+    /// reports what was spent, gives back what was not, takes a new grant. A client's first
+    /// exchange charges the whole trust it was given and takes no grant: other replicas may
+    /// still hold unreported trust for it, so only the next exchange shares what is left.
+    /// Returns whether the store answered.
     async fn exchange(&self) -> bool {
+        let trust = self.first_share().max(0) as u64;
         let mut batch = Vec::new();
         for c in self.clients.iter() {
             let spent = u64::from(c.pending.swap(0, Ordering::Relaxed));
             let refused = c.refused.swap(false, Ordering::Relaxed);
             if spent > 0 || refused {
                 let granted = c.granted.swap(0, Ordering::Relaxed).max(0) as u64;
-                batch.push((*c.key(), spent, granted));
+                let fresh = c.fresh.load(Ordering::Relaxed);
+                batch.push((*c.key(), spent, granted, fresh));
             }
         }
         if batch.is_empty() {
             return true;
         }
-        let answers = futures_util::future::join_all(batch.iter().map(|(k, spent, granted)| {
-            self.exchange_one(
-                *k,
-                spent.saturating_sub(*granted),
-                granted.saturating_sub(*spent),
-                false,
-            )
-        }))
-        .await;
+        let answers =
+            futures_util::future::join_all(batch.iter().map(|(k, spent, granted, fresh)| {
+                if *fresh {
+                    self.exchange_one(*k, trust.max(*spent), 0, Mode::ChargeOnly)
+                } else {
+                    self.exchange_one(
+                        *k,
+                        spent.saturating_sub(*granted),
+                        granted.saturating_sub(*spent),
+                        Mode::Share,
+                    )
+                }
+            }))
+            .await;
         let now = crate::traffic::now_ms();
         let mut ok = true;
-        for ((key, spent, granted), a) in batch.into_iter().zip(answers) {
+        for ((key, spent, granted, fresh), a) in batch.into_iter().zip(answers) {
             let Some(c) = self.clients.get(&key) else {
                 continue;
             };
             match a {
+                Ok((_, _, retry_ms)) if fresh => {
+                    // the unspent trust is now reserved in the store: it stays the budget
+                    c.fresh.store(false, Ordering::Relaxed);
+                    c.granted
+                        .store(trust.saturating_sub(spent) as i64, Ordering::Relaxed);
+                    c.retry_at_ms
+                        .store(now + retry_ms.max(1), Ordering::Relaxed);
+                }
                 Ok((grant, _, retry_ms)) => {
                     // requests admitted while the exchange was under way come out of the grant
                     let since = i64::from(c.pending.load(Ordering::Relaxed));
@@ -271,6 +296,17 @@ impl FleetCounts {
         }
         ok
     }
+}
+
+/// What one GCRA call does (the script's mode argument).
+#[derive(Clone, Copy)]
+enum Mode {
+    /// Charge what was spent, give back what was not, take a share of what is left.
+    Share = 0,
+    /// One request, refused past the limit (`sync = "0s"`).
+    Exact = 1,
+    /// Charge only (a client's first exchange).
+    ChargeOnly = 2,
 }
 
 /// Makes fleet counters and runs their exchanges every `sync`.

@@ -38,8 +38,61 @@ impl Redis {
         Self::with_args(dir, "replica", &["--replicaof", &of])
     }
 
-    fn with_args(dir: &Path, tag: &str, extra: &[&str]) -> Redis {
+    /// A server that speaks TLS only, requiring client certificates signed by `ca`.
+    pub fn tls(dir: &Path, cert: &Path, key: &Path, ca: &Path) -> Redis {
         let port = free_port();
+        let p = port.to_string();
+        let (c, k, a) = (
+            cert.display().to_string(),
+            key.display().to_string(),
+            ca.display().to_string(),
+        );
+        Self::on_port(
+            dir,
+            "tls",
+            port,
+            &[
+                "--port",
+                "0",
+                "--tls-port",
+                &p,
+                "--tls-cert-file",
+                &c,
+                "--tls-key-file",
+                &k,
+                "--tls-ca-cert-file",
+                &a,
+                "--tls-auth-clients",
+                "yes",
+            ],
+        )
+    }
+
+    /// A node of a Redis Cluster (joined by [`create_cluster`]).
+    pub fn cluster_node(dir: &Path) -> Redis {
+        let port = free_port();
+        let conf = dir.join(format!("nodes-{port}.conf"));
+        let conf = conf.display().to_string();
+        Self::on_port(
+            dir,
+            "cluster",
+            port,
+            &[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                &conf,
+                "--cluster-node-timeout",
+                "2000",
+            ],
+        )
+    }
+
+    fn with_args(dir: &Path, tag: &str, extra: &[&str]) -> Redis {
+        Self::on_port(dir, tag, free_port(), extra)
+    }
+
+    fn on_port(dir: &Path, tag: &str, port: u16, extra: &[&str]) -> Redis {
         let mut r = Redis {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             dir: dir.to_path_buf(),
@@ -164,6 +217,30 @@ impl Redis {
             .expect("redis-cli");
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
+}
+
+/// Joins `nodes` (masters only) into one cluster and waits until it serves every slot.
+pub fn create_cluster(nodes: &[Redis]) {
+    let addrs: Vec<String> = nodes.iter().map(|n| n.addr.to_string()).collect();
+    let out = Command::new(bin("redis-cli"))
+        .arg("--cluster")
+        .arg("create")
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .expect("redis-cli --cluster create");
+    assert!(
+        out.status.success(),
+        "cluster create: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        super::wait_until(Duration::from_secs(15), || nodes
+            .iter()
+            .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))),
+        "the cluster never became ok"
+    );
 }
 
 impl Drop for Redis {
