@@ -2,22 +2,26 @@
 # Creates or updates the two Secrets sluice needs (they are not kept in git):
 #   sluice-tls    the listener certificate (kubernetes.io/tls: tls.crt, tls.key)
 #   sluice-admin  the admin API bearer tokens, one per line (admin.token)
+#   sluice-redis  fleet mode's Redis (url, password), with --redis-url (production overlay)
 #
 #   deploy/make-secrets.sh [-n NAMESPACE] [--cert FILE --key FILE] [--token TOKEN]
+#                          [--redis-url URL --redis-password-file FILE]
 #
 # Without --cert/--key a self-signed certificate is made (for staging); without --token a random
 # one is generated and printed once. Applying again replaces the Secrets in place: pods pick up
 # a new certificate or token within a minute, without a restart (mounted as directories).
 set -euo pipefail
 NS=()
-CERT="" KEY="" TOKEN=""
+CERT="" KEY="" TOKEN="" REDIS_URL="" REDIS_PASSWORD=""
 while [ $# -gt 0 ]; do
 	case $1 in
 	-n) NS=(-n "$2"); shift 2 ;;
 	--cert) CERT=$2; shift 2 ;;
 	--key) KEY=$2; shift 2 ;;
 	--token) TOKEN=$2; shift 2 ;;
-	*) sed -n '2,11p' "$0"; exit 2 ;;
+	--redis-url) REDIS_URL=$2; shift 2 ;;
+	--redis-password-file) REDIS_PASSWORD=$2; shift 2 ;;
+	*) sed -n '2,13p' "$0"; exit 2 ;;
 	esac
 done
 KUBECTL=${KUBECTL:-kubectl}
@@ -38,3 +42,8 @@ printf '%s\n' "$TOKEN" >"$tmp/admin.token"
 	--dry-run=client -o yaml | "$KUBECTL" "${NS[@]}" apply -f -
 "$KUBECTL" "${NS[@]}" create secret generic sluice-admin --from-file=admin.token="$tmp/admin.token" \
 	--dry-run=client -o yaml | "$KUBECTL" "${NS[@]}" apply -f -
+if [ -n "$REDIS_URL" ]; then
+	[ -n "$REDIS_PASSWORD" ] || { echo "--redis-url needs --redis-password-file" >&2; exit 2; }
+	"$KUBECTL" "${NS[@]}" create secret generic sluice-redis --from-literal=url="$REDIS_URL" \
+		--from-file=password="$REDIS_PASSWORD" --dry-run=client -o yaml | "$KUBECTL" "${NS[@]}" apply -f -
+fi

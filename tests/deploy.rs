@@ -111,6 +111,52 @@ fn overlays_render_what_sluice_needs() {
             }
         }
 
+        // fleet mode: every replica shares weights, shifts and limits through Redis
+        let cluster = &config["cluster"];
+        assert_eq!(
+            config["rate_limit"]["scope"].as_str(),
+            Some("cluster"),
+            "{overlay}"
+        );
+        let env = c["env"].as_sequence().expect("env");
+        if overlay == "production" {
+            // the URL and the password come from the Secret sluice-redis
+            let url = env
+                .iter()
+                .find(|e| e["name"] == "SLUICE_CLUSTER_REDIS")
+                .expect("SLUICE_CLUSTER_REDIS");
+            assert_eq!(url["valueFrom"]["secretKeyRef"]["name"], "sluice-redis");
+            let pw = Path::new(cluster["password_file"].as_str().expect("password_file"));
+            let vol = pod["volumes"]
+                .as_sequence()
+                .expect("volumes")
+                .iter()
+                .find(|v| v["secret"]["secretName"] == "sluice-redis")
+                .expect("redis secret volume");
+            let m = c["volumeMounts"]
+                .as_sequence()
+                .expect("mounts")
+                .iter()
+                .find(|m| m["name"] == vol["name"])
+                .expect("redis secret mount");
+            assert_eq!(m["mountPath"].as_str().map(Path::new), pw.parent());
+            assert!(m.get("subPath").is_none(), "subPath hides a rotated password");
+        } else {
+            // staging: the redis component, with a volume, behind the Service the URL names
+            let url = cluster["redis"].as_str().expect("redis");
+            let host = url
+                .trim_start_matches("redis://")
+                .split(':')
+                .next()
+                .expect("host");
+            let svc = find(&docs, "Service", host);
+            assert_eq!(svc["spec"]["ports"][0]["port"].as_u64(), Some(6379));
+            let sts = find(&docs, "StatefulSet", "redis");
+            assert!(sts["spec"]["volumeClaimTemplates"]
+                .as_sequence()
+                .is_some_and(|v| !v.is_empty()));
+        }
+
         // the ConfigMap is mounted as the config's directory, never with subPath
         let volume = pod["volumes"]
             .as_sequence()
@@ -296,6 +342,8 @@ fn check_config(text: &str) {
     let token = dir.path().join("admin.token");
     std::fs::write(&token, "t0ken\n").expect("token");
     let state = dir.path().join("state");
+    let redis_password = dir.path().join("redis.password");
+    std::fs::write(&redis_password, "secret\n").expect("password");
     let text = text
         .replace(
             "/var/run/secrets/sluice/tls/tls.crt",
@@ -308,6 +356,10 @@ fn check_config(text: &str) {
         .replace(
             "/var/run/secrets/sluice/admin/admin.token",
             &token.display().to_string(),
+        )
+        .replace(
+            "/var/run/secrets/sluice/redis/password",
+            &redis_password.display().to_string(),
         )
         .replace("/var/lib/sluice", &state.display().to_string());
     let path = dir.path().join("sluice.toml");

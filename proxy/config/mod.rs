@@ -952,16 +952,30 @@ impl Builder<'_, '_> {
                 "timeout",
             ],
         );
-        let redis = match t.string(self.d, "redis") {
-            Some(r) => match redis_target(&r.value) {
+        // SLUICE_CLUSTER_REDIS (set from a Secret in Kubernetes) stands in for `redis`, so
+        // that a URL with credentials need not live in a ConfigMap
+        let from_env = std::env::var(REDIS_ENV).ok().filter(|v| !v.is_empty());
+        let redis = match (t.string(self.d, "redis"), from_env) {
+            (r, Some(url)) => match redis_target(&url) {
+                Ok(target) => Some(target),
+                Err(e) => {
+                    let span = r.map_or(t.span.clone(), |r| r.span);
+                    self.d.error(&span, format!("`cluster.redis` (from {REDIS_ENV}): {e}"));
+                    None
+                }
+            },
+            (Some(r), None) => match redis_target(&r.value) {
                 Ok(target) => Some(target),
                 Err(e) => {
                     self.d.error(&r.span, format!("`cluster.redis`: {e}"));
                     None
                 }
             },
-            None => {
-                self.d.error(&t.span, "`cluster.redis` is required");
+            (None, None) => {
+                self.d.error(
+                    &t.span,
+                    format!("`cluster.redis` is required (or the environment variable {REDIS_ENV})"),
+                );
                 None
             }
         };
@@ -1805,6 +1819,9 @@ impl Builder<'_, '_> {
         (blue as u8, green as u8)
     }
 }
+
+/// Environment variable that, when set, replaces `cluster.redis`.
+pub const REDIS_ENV: &str = "SLUICE_CLUSTER_REDIS";
 
 /// The machine's host name (a pod's name in Kubernetes).
 pub fn host_name() -> String {
