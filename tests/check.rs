@@ -243,6 +243,30 @@ fn broken_configs_name_file_line_and_key() {
             "requests = 0",
             "`rate_limit.requests` = 0 is out of range",
         ),
+        (
+            "[client_ip]",
+            "[rate_limit]\nscope = \"cluster\"\n\n[client_ip]",
+            "scope = \"cluster\"",
+            "needs a [cluster] table",
+        ),
+        (
+            "[client_ip]",
+            "[cluster]\nredis = \"redis+sentinel://h1:26379\"\n\n[client_ip]",
+            "redis = ",
+            "names no master",
+        ),
+        (
+            "[client_ip]",
+            "[cluster]\nredis = \"memcache://h1:1\"\n\n[client_ip]",
+            "redis = ",
+            "is not redis, rediss, redis+sentinel or redis+cluster",
+        ),
+        (
+            "[client_ip]",
+            "[cluster]\nredis = \"redis://h:1\"\ntimeout = \"20s\"\n\n[client_ip]",
+            "timeout = ",
+            "`cluster.timeout` must be between 1ms and 10s",
+        ),
         ("[admin]", "[admn]", "[admn]", "unknown key `admn`"),
         (
             "[[pool]]\nname = \"a\"",
