@@ -253,7 +253,8 @@ pub fn release_free_memory() {
 
 /// Drops idle buckets every few seconds so memory follows the clients of the last window.
 pub struct Upkeep {
-    pub shared: Arc<crate::state::Shared>,
+    /// Shrinks every limiter; returns how many buckets were dropped.
+    pub shrink_all: Arc<dyn Fn() -> usize + Send + Sync>,
 }
 
 #[async_trait::async_trait]
@@ -264,7 +265,7 @@ impl pingora::services::background::BackgroundService for Upkeep {
                 _ = shutdown.changed() => return,
                 _ = tokio::time::sleep(Duration::from_secs(5)) => {}
             }
-            if self.shared.limits.shrink_all() > 0 {
+            if (self.shrink_all)() > 0 {
                 release_free_memory();
             }
         }

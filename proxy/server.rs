@@ -147,7 +147,10 @@ pub fn run(config_path: &Path) -> Result<(), String> {
     server.add_service(background_service(
         "rate limit upkeep",
         crate::rate_limit::Upkeep {
-            shared: shared.clone(),
+            shrink_all: {
+                let s = shared.clone();
+                Arc::new(move || s.limits.shrink_all())
+            },
         },
     ));
     server.add_service(background_service(

@@ -967,3 +967,53 @@ fn redis_cluster_keeps_each_route_in_one_slot() {
     eprintln!("redis cluster: {ok} of 300 admitted against 100/min over 2 replicas");
     assert!((95..=105).contains(&ok), "{ok}");
 }
+
+#[test]
+fn without_redis_each_replica_still_rolls_back_and_records_it_when_redis_returns() {
+    let dir = tempdir();
+    let mut redis = Redis::start(dir.path());
+    let f = Fleet::start(2, &format!("redis://{}/0", redis.addr), "net:", "");
+    f.wait_members();
+    let (code, v) = f.r(0).admin(
+        "POST",
+        "/routes/shop/shift",
+        r#"{"to": "green", "step": 10, "every": "1h"}"#,
+    );
+    assert_eq!(code, 202, "{v}");
+    assert!(wait_until(Duration::from_secs(2), || f.r(1).green() == 10));
+    redis.stop();
+    for (_, r) in f.live() {
+        assert!(wait_until(Duration::from_secs(3), || r.sluice.status()
+            ["cluster"]["store"]
+            == "down"));
+    }
+    // green breaks; replica 1 alone sees enough of it to judge by the single-replica rule
+    let told = http_request(
+        f.green.addr,
+        "POST",
+        "/_demo/errors?status=500&every=2",
+        &[],
+    );
+    assert_eq!(told.map(|(c, _)| c), Some(200));
+    for _ in 0..40 {
+        let _ = f.r(1).get(&[("x-sluice-color", "green")]);
+    }
+    assert!(
+        wait_until(Duration::from_secs(3), || f.r(1).route()["shift"]["state"]
+            == "rolled_back"),
+        "{}",
+        f.r(1).route()
+    );
+    assert_eq!(f.r(1).green(), 0);
+    // replica 0 saw nothing wrong and has no store to learn from
+    assert_eq!(f.r(0).green(), 10);
+    // Redis is back (empty): the rollback is recorded and replica 0 follows
+    redis.resume();
+    assert!(
+        wait_until(Duration::from_secs(5), || f.r(0).route()["shift"]["state"]
+            == "rolled_back"),
+        "{}",
+        f.r(0).route()
+    );
+    assert_eq!(f.r(0).green(), 0);
+}

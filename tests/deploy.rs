@@ -140,7 +140,10 @@ fn overlays_render_what_sluice_needs() {
                 .find(|m| m["name"] == vol["name"])
                 .expect("redis secret mount");
             assert_eq!(m["mountPath"].as_str().map(Path::new), pw.parent());
-            assert!(m.get("subPath").is_none(), "subPath hides a rotated password");
+            assert!(
+                m.get("subPath").is_none(),
+                "subPath hides a rotated password"
+            );
         } else {
             // staging: the redis component, with a volume, behind the Service the URL names
             let url = cluster["redis"].as_str().expect("redis");

@@ -22,7 +22,9 @@
 //! timeout. Whenever the store cannot be asked, the replica counts alone (the local GCRA of
 //! single-replica mode): the fleet then admits up to the limit times the number of replicas.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{
+    AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -68,21 +70,33 @@ if avail - grant <= 0 then retry = math.ceil((tat + T - tau - now) / 1000) end
 return {grant, avail - grant, retry}
 ";
 
+/// One client on this replica. The request path touches `state` (one atomic add) and `seen`
+/// (a load, and a store once per second); the rest belongs to the exchange.
 struct Client {
-    /// Requests this replica may still admit before the next exchange.
-    budget: AtomicI64,
-    /// Admitted since the last exchange (reported at the next one).
-    pending: AtomicU32,
-    /// The last grant, reserved in the store (written by the exchange only).
-    granted: AtomicI64,
-    /// Not exchanged about yet: the trust it was given is charged whole at the first exchange.
-    fresh: AtomicBool,
-    /// Refused since the last exchange: the next exchange asks for a fresh budget.
-    refused: AtomicBool,
-    /// When a refused client may try again (unix ms, from the last exchange).
-    retry_at_ms: AtomicU64,
-    /// Last request (ms since the exchange started), for forgetting idle clients.
-    seen_ms: AtomicU64,
+    /// Low 32 bits: the budget (requests this replica may still admit before the next
+    /// exchange) plus `BIAS`; high 32 bits: requests admitted since the last exchange.
+    state: AtomicU64,
+    /// The second (since start) of the last request, for forgetting idle clients.
+    seen: AtomicU32,
+    /// The last grant, reserved in the store.
+    granted: AtomicI32,
+    /// When a refused client may try again (ms since start, from the last exchange).
+    retry_at: AtomicU64,
+    /// `FRESH` (not exchanged about yet: its trust is charged whole at the first exchange),
+    /// `REFUSED` (refused since the last exchange: the next one asks for a new grant).
+    flags: AtomicU8,
+}
+
+const BIAS: u64 = 1 << 31;
+const LOW: u64 = (1 << 32) - 1;
+const ONE_ADMITTED: u64 = 1 << 32;
+const FRESH: u8 = 1;
+const REFUSED: u8 = 2;
+
+/// `budget` with `admitted` requests, packed.
+fn pack(admitted: u64, budget: i64) -> u64 {
+    (admitted << 32)
+        | ((budget.clamp(-(BIAS as i64) + 1, BIAS as i64 - 1) + BIAS as i64) as u64 & LOW)
 }
 
 /// The fleet counts of one quota and scope.
@@ -97,12 +111,14 @@ pub struct FleetCounts {
     store: Arc<Store>,
 }
 
-/// What every fleet counter reads: whether the last exchange reached the store, and how many
-/// replicas share the budget.
+/// What every fleet counter reads: whether the last exchange reached the store, how many
+/// replicas share the budget, and the current second (kept by the exchange loop, so the
+/// request path reads no clock).
 pub struct SharedState {
     up: AtomicBool,
     live: Arc<AtomicUsize>,
     start: Instant,
+    second: AtomicU32,
 }
 
 impl SharedState {
@@ -143,31 +159,32 @@ impl Counts for FleetCounts {
         if self.exact {
             return Verdict::AskStore;
         }
-        let now = self.shared.now_ms();
+        let second = self.shared.second.load(Ordering::Relaxed);
         if let Some(c) = self.clients.get(&key) {
-            c.seen_ms.store(now, Ordering::Relaxed);
-            return if c.budget.fetch_sub(1, Ordering::Relaxed) > 0 {
-                c.pending.fetch_add(1, Ordering::Relaxed);
-                Verdict::Allowed
-            } else {
-                c.refused.store(true, Ordering::Relaxed);
-                let wait = c
-                    .retry_at_ms
-                    .load(Ordering::Relaxed)
-                    .saturating_sub(crate::traffic::now_ms());
-                Verdict::Denied(Denied::after(Duration::from_millis(wait)))
-            };
+            if c.seen.load(Ordering::Relaxed) != second {
+                c.seen.store(second, Ordering::Relaxed);
+            }
+            // one more admitted, one less budget, in one step
+            let old = c.state.fetch_add(ONE_ADMITTED - 1, Ordering::Relaxed);
+            if old & LOW > BIAS {
+                return Verdict::Allowed;
+            }
+            c.state.fetch_sub(ONE_ADMITTED, Ordering::Relaxed);
+            c.flags.fetch_or(REFUSED, Ordering::Relaxed);
+            let wait = c
+                .retry_at
+                .load(Ordering::Relaxed)
+                .saturating_sub(self.shared.now_ms());
+            return Verdict::Denied(Denied::after(Duration::from_millis(wait)));
         }
-        // first seen: this replica's share of a full budget
-        let budget = self.first_share() - 1;
+        // first seen: this replica's share of a full budget, on trust
+        let trust = self.first_share();
         self.clients.entry(key).or_insert_with(|| Client {
-            budget: AtomicI64::new(budget),
-            pending: AtomicU32::new(1),
-            granted: AtomicI64::new(0),
-            fresh: AtomicBool::new(true),
-            refused: AtomicBool::new(false),
-            retry_at_ms: AtomicU64::new(0),
-            seen_ms: AtomicU64::new(now),
+            state: AtomicU64::new(pack(1, trust - 1)),
+            seen: AtomicU32::new(second),
+            granted: AtomicI32::new(0),
+            retry_at: AtomicU64::new(0),
+            flags: AtomicU8::new(FRESH),
         });
         Verdict::Allowed
     }
@@ -183,11 +200,11 @@ impl Counts for FleetCounts {
     }
 
     fn shrink(&self) {
-        let now = self.shared.now_ms();
-        let idle = self.limit.per.as_millis() as u64;
+        let now = self.shared.second.load(Ordering::Relaxed);
+        let idle = self.limit.per.as_secs().max(1) as u32 + 1;
         self.clients.retain(|_, c| {
-            c.pending.load(Ordering::Relaxed) > 0
-                || now.saturating_sub(c.seen_ms.load(Ordering::Relaxed)) < idle
+            c.state.load(Ordering::Relaxed) >> 32 > 0
+                || now.saturating_sub(c.seen.load(Ordering::Relaxed)) < idle
         });
         self.clients.shrink_to_fit();
         self.local.shrink();
@@ -213,20 +230,23 @@ impl FleetCounts {
         let k = self.key(key);
         let (interval, tau) = (self.interval_us(), self.tau_us());
         let live = self.shared.live.load(Ordering::Relaxed).max(1);
-        store
-            .run(|mut c| async move {
-                script
-                    .key(k)
-                    .arg(over)
-                    .arg(back)
-                    .arg(interval)
-                    .arg(tau)
-                    .arg(live)
-                    .arg(mode as u8)
-                    .invoke_async(&mut c)
-                    .await
-            })
-            .await
+        let call = |mut c: super::store::Conn| async move {
+            script
+                .key(k)
+                .arg(over)
+                .arg(back)
+                .arg(interval)
+                .arg(tau)
+                .arg(live)
+                .arg(mode as u8)
+                .invoke_async(&mut c)
+                .await
+        };
+        match mode {
+            // the request path: no waiting for a connection
+            Mode::Exact => store.run_ready(call).await,
+            _ => store.run(call).await,
+        }
     }
 
     /// Exchanges with the store for every client seen (or refused) since the last exchange:
@@ -238,12 +258,12 @@ impl FleetCounts {
         let trust = self.first_share().max(0) as u64;
         let mut batch = Vec::new();
         for c in self.clients.iter() {
-            let spent = u64::from(c.pending.swap(0, Ordering::Relaxed));
-            let refused = c.refused.swap(false, Ordering::Relaxed);
-            if spent > 0 || refused {
+            // take the admitted count, keep the budget
+            let spent = c.state.fetch_and(LOW, Ordering::Relaxed) >> 32;
+            let flags = c.flags.fetch_and(!REFUSED, Ordering::Relaxed);
+            if spent > 0 || flags & REFUSED != 0 {
                 let granted = c.granted.swap(0, Ordering::Relaxed).max(0) as u64;
-                let fresh = c.fresh.load(Ordering::Relaxed);
-                batch.push((*c.key(), spent, granted, fresh));
+                batch.push((*c.key(), spent, granted, flags & FRESH != 0));
             }
         }
         if batch.is_empty() {
@@ -263,34 +283,38 @@ impl FleetCounts {
                 }
             }))
             .await;
-        let now = crate::traffic::now_ms();
+        let now = self.shared.now_ms();
         let mut ok = true;
         for ((key, spent, granted, fresh), a) in batch.into_iter().zip(answers) {
             let Some(c) = self.clients.get(&key) else {
                 continue;
             };
+            let retry_at = |ms: u64| now + ms.max(1);
             match a {
                 Ok((_, _, retry_ms)) if fresh => {
                     // the unspent trust is now reserved in the store: it stays the budget
-                    c.fresh.store(false, Ordering::Relaxed);
+                    c.flags.fetch_and(!FRESH, Ordering::Relaxed);
                     c.granted
-                        .store(trust.saturating_sub(spent) as i64, Ordering::Relaxed);
-                    c.retry_at_ms
-                        .store(now + retry_ms.max(1), Ordering::Relaxed);
+                        .store(trust.saturating_sub(spent) as i32, Ordering::Relaxed);
+                    c.retry_at.store(retry_at(retry_ms), Ordering::Relaxed);
                 }
                 Ok((grant, _, retry_ms)) => {
                     // requests admitted while the exchange was under way come out of the grant
-                    let since = i64::from(c.pending.load(Ordering::Relaxed));
-                    c.granted.store(grant as i64, Ordering::Relaxed);
-                    c.budget.store(grant as i64 - since, Ordering::Relaxed);
-                    c.retry_at_ms
-                        .store(now + retry_ms.max(1), Ordering::Relaxed);
+                    let _ = c
+                        .state
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |cur| {
+                            let since = cur >> 32;
+                            Some(pack(since, grant as i64 - since as i64))
+                        });
+                    c.granted
+                        .store(grant.min(i32::MAX as u64) as i32, Ordering::Relaxed);
+                    c.retry_at.store(retry_at(retry_ms), Ordering::Relaxed);
                 }
                 Err(_) => {
                     ok = false;
                     // not lost: reported with the next exchange
-                    c.pending.fetch_add(spent as u32, Ordering::Relaxed);
-                    c.granted.store(granted as i64, Ordering::Relaxed);
+                    c.state.fetch_add(spent << 32, Ordering::Relaxed);
+                    c.granted.store(granted as i32, Ordering::Relaxed);
                 }
             }
         }
@@ -330,6 +354,7 @@ impl Exchange {
                 up: AtomicBool::new(false),
                 live,
                 start: Instant::now(),
+                second: AtomicU32::new(0),
             }),
             counts: Mutex::new(Vec::new()),
             sync: Mutex::new(Duration::from_millis(200)),
@@ -380,6 +405,14 @@ impl Exchange {
                 .filter_map(Weak::upgrade)
                 .collect();
             let started = Instant::now();
+            self.shared.second.store(
+                self.shared
+                    .start
+                    .elapsed()
+                    .as_secs()
+                    .min(u64::from(u32::MAX)) as u32,
+                Ordering::Relaxed,
+            );
             let mut ok = true;
             for c in &counts {
                 ok &= c.exchange().await;

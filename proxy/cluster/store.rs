@@ -352,6 +352,29 @@ impl Store {
         }
     }
 
+    /// Like [`Store::run`], but never waits for a connection to be made (or for another
+    /// caller making one): for the request path (`sync = "0s"`), which waits at most the
+    /// command timeout.
+    pub async fn run_ready<T, F, Fut>(&self, f: F) -> Result<T, Unavailable>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let conn = match self.conn.try_lock() {
+            Ok(slot) => slot.clone(),
+            Err(_) => None,
+        }
+        .ok_or_else(|| Unavailable("no connection to the cluster store".into()))?;
+        match tokio::time::timeout(self.cfg.timeout, f(conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                self.failed(&e).await;
+                Err(Unavailable(e.to_string()))
+            }
+            Err(_) => Err(Unavailable("cluster store command timed out".into())),
+        }
+    }
+
     /// One command.
     pub async fn query<T: FromRedisValue + Send>(&self, cmd: Cmd) -> Result<T, Unavailable> {
         self.run(|mut c| async move { cmd.query_async(&mut c).await })

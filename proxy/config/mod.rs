@@ -960,7 +960,8 @@ impl Builder<'_, '_> {
                 Ok(target) => Some(target),
                 Err(e) => {
                     let span = r.map_or(t.span.clone(), |r| r.span);
-                    self.d.error(&span, format!("`cluster.redis` (from {REDIS_ENV}): {e}"));
+                    self.d
+                        .error(&span, format!("`cluster.redis` (from {REDIS_ENV}): {e}"));
                     None
                 }
             },
@@ -974,7 +975,9 @@ impl Builder<'_, '_> {
             (None, None) => {
                 self.d.error(
                     &t.span,
-                    format!("`cluster.redis` is required (or the environment variable {REDIS_ENV})"),
+                    format!(
+                        "`cluster.redis` is required (or the environment variable {REDIS_ENV})"
+                    ),
                 );
                 None
             }
