@@ -328,12 +328,7 @@ impl Admin {
             .headers
             .get(http::header::AUTHORIZATION)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-        let presented = header
-            .as_deref()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .map(str::to_string);
+        let presented = header.as_deref().and_then(auth::bearer).map(str::to_string);
         let before = match op.route() {
             Some(r) => shared.traffic.get(r).map_or(Value::Null, |c| c.to_json()),
             None => json!({ "generation": shared.snapshot().generation }),

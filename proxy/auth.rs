@@ -77,16 +77,22 @@ impl Lockout {
 /// Why a call was refused: status and a reason for the `{"error": …}` body.
 pub type Refusal = (StatusCode, &'static str);
 
+/// The token of an `Authorization` header with the Bearer scheme, which is case-insensitive
+/// (RFC 9110 §11.1): `Bearer t`, `bearer t`, `BEARER  t`.
+pub fn bearer(header: &str) -> Option<&str> {
+    let header = header.trim_start_matches([' ', '\t']);
+    let split = header.find([' ', '\t'])?;
+    let (scheme, rest) = header.split_at(split);
+    let token = rest.trim_matches([' ', '\t']);
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 /// The token of an accepted `Authorization: Bearer <token>` header.
 pub fn check<'a>(tokens: Option<&[String]>, header: Option<&'a str>) -> Result<&'a str, Refusal> {
-    let token = header
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .ok_or((
-            StatusCode::UNAUTHORIZED,
-            "missing or malformed Authorization header (want: Bearer <token>)",
-        ))?;
+    let token = header.and_then(bearer).ok_or((
+        StatusCode::UNAUTHORIZED,
+        "missing or malformed Authorization header (want: Bearer <token>)",
+    ))?;
     let Some(tokens) = tokens else {
         return Err((
             StatusCode::FORBIDDEN,
@@ -147,6 +153,19 @@ mod tests {
         let toks = vec!["s3cret".to_string(), "other".to_string()];
         assert_eq!(check(Some(&toks), Some("Bearer s3cret")), Ok("s3cret"));
         assert_eq!(check(Some(&toks), Some("Bearer other")), Ok("other"));
+        // the scheme in any case, any run of blanks after it
+        for h in [
+            "bearer s3cret",
+            "BEARER s3cret",
+            "BeArEr \ts3cret",
+            "Bearer   s3cret  ",
+        ] {
+            assert_eq!(check(Some(&toks), Some(h)), Ok("s3cret"), "{h}");
+        }
+        assert_eq!(
+            check(Some(&toks), Some("Bearers3cret")).map_err(|e| e.0),
+            Err(StatusCode::UNAUTHORIZED)
+        );
         assert_eq!(
             check(Some(&toks), Some("Bearer s3cre")).map_err(|e| e.0),
             Err(StatusCode::FORBIDDEN)

@@ -394,6 +394,18 @@ fn admin_calls_are_authenticated_validated_and_audited() {
     assert_eq!((c, v["error"].as_str().is_some()), (404, true));
     let (c, _) = call("POST", weights, Some(TOKEN), good);
     assert_eq!(c, 405);
+    // the scheme is case-insensitive (RFC 9110 §11.1)
+    calls.set(calls.get() + 1);
+    let lower = format!("bearer {TOKEN}");
+    let r = request_with_body(
+        s.sluice.admin,
+        "PUT",
+        weights,
+        &[("authorization", &lower)],
+        good,
+    )
+    .expect("admin answered");
+    assert_eq!(r.code, 200, "{}", r.body);
     // a good call, then shift conflicts
     let (c, v) = call("PUT", weights, Some(TOKEN), good);
     assert_eq!(c, 200, "{v}");
@@ -427,7 +439,7 @@ fn admin_calls_are_authenticated_validated_and_audited() {
     let statuses: Vec<u64> = audit.iter().filter_map(|l| l["status"].as_u64()).collect();
     assert_eq!(
         statuses,
-        vec![401, 403, 400, 400, 400, 400, 400, 413, 404, 405, 200, 202, 409, 200, 400, 200],
+        vec![401, 403, 400, 400, 400, 400, 400, 413, 404, 405, 200, 200, 202, 409, 200, 400, 200],
         "{audit:#?}"
     );
     assert_eq!(audit.len(), calls.get());
