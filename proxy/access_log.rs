@@ -3,6 +3,11 @@
 //! writes it every 50 ms, or sooner once 64 KiB are waiting. The request path never blocks on
 //! the disk: when the writer falls behind by more than `MAX_PENDING`, lines are dropped and
 //! counted in `sluice_access_log_dropped_total`.
+//!
+//! A file log can be rotated: the writer opens the path again on SIGUSR1 ([`AccessLogger::reopen`],
+//! as nginx does) and when, checked every second, the path no longer names the open file
+//! (logrotate renamed or removed it). Lines are written in whole batches to one file or the
+//! other, so none is lost or written twice across a rotation.
 
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -25,6 +30,8 @@ struct Pending {
     asked: u64,
     served: u64,
     closed: bool,
+    /// Open the file again before the next write (SIGUSR1).
+    reopen: bool,
 }
 
 struct Inner {
@@ -48,21 +55,15 @@ pub struct AccessLogger {
 
 impl AccessLogger {
     pub fn start(target: &AccessLog, dropped: IntCounter) -> Result<Self, String> {
-        let out: Box<dyn Write + Send> = match target {
+        let out = match target {
             AccessLog::Off => {
                 return Ok(AccessLogger {
                     inner: None,
                     dropped,
                 })
             }
-            AccessLog::Stdout => Box::new(std::io::stdout()),
-            AccessLog::File(p) => Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .map_err(|e| format!("cannot open access log {}: {e}", p.display()))?,
-            ),
+            AccessLog::Stdout => Out::Stdout(std::io::stdout()),
+            AccessLog::File(p) => Out::File(LogFile::open(p)?),
         };
         let inner = Arc::new(Inner {
             pending: Mutex::new(Pending::default()),
@@ -105,6 +106,14 @@ impl AccessLogger {
         }
     }
 
+    /// Opens the log file again before the next write (SIGUSR1 after a rotation).
+    pub fn reopen(&self) {
+        if let Some(inner) = &self.inner {
+            inner.lock().reopen = true;
+            inner.wake.notify_one();
+        }
+    }
+
     /// Waits (at most 2 s) until every line queued so far is written.
     pub fn flush(&self) {
         let Some(inner) = &self.inner else {
@@ -138,12 +147,81 @@ impl Drop for AccessLogger {
     }
 }
 
-fn writer(inner: &Inner, mut out: Box<dyn Write + Send>) {
+/// Where lines go.
+enum Out {
+    Stdout(std::io::Stdout),
+    File(LogFile),
+}
+
+/// An open log file and the path it was opened as.
+struct LogFile {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    /// Device and inode of the open file.
+    id: (u64, u64),
+}
+
+impl LogFile {
+    fn open(path: &std::path::Path) -> Result<LogFile, String> {
+        use std::os::unix::fs::MetadataExt;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("cannot open access log {}: {e}", path.display()))?;
+        let m = file
+            .metadata()
+            .map_err(|e| format!("access log {}: {e}", path.display()))?;
+        Ok(LogFile {
+            path: path.to_path_buf(),
+            file,
+            id: (m.dev(), m.ino()),
+        })
+    }
+
+    /// Whether the path still names the open file.
+    fn current(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id)
+    }
+}
+
+impl Out {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        match self {
+            Out::Stdout(s) => s.write_all(buf).and_then(|()| s.flush()),
+            Out::File(f) => f.file.write_all(buf),
+        }
+    }
+
+    /// Opens the file again if asked to, or if its path names another file (or none) now.
+    fn reopen_if(&mut self, asked: bool) {
+        let Out::File(f) = self else {
+            return;
+        };
+        if !asked && f.current() {
+            return;
+        }
+        match LogFile::open(&f.path) {
+            Ok(new) => {
+                log::info!("access log {} reopened", f.path.display());
+                *f = new;
+            }
+            // keep writing where we can; try again at the next check
+            Err(e) => log::error!("{e}"),
+        }
+    }
+}
+
+const CHECK_PATH_EVERY: Duration = Duration::from_secs(1);
+
+fn writer(inner: &Inner, mut out: Out) {
     let mut spare = Vec::with_capacity(WAKE_AT * 2);
+    let mut checked = std::time::Instant::now();
     loop {
-        let (ticket, closed) = {
+        let (ticket, closed, reopen) = {
             let mut p = inner.lock();
-            if p.buf.len() < WAKE_AT && p.served == p.asked && !p.closed {
+            if p.buf.len() < WAKE_AT && p.served == p.asked && !p.closed && !p.reopen {
                 p = inner
                     .wake
                     .wait_timeout(p, INTERVAL)
@@ -151,10 +229,15 @@ fn writer(inner: &Inner, mut out: Box<dyn Write + Send>) {
                     .unwrap_or_else(|e| e.into_inner().0);
             }
             std::mem::swap(&mut p.buf, &mut spare);
-            (p.asked, p.closed)
+            (p.asked, p.closed, std::mem::take(&mut p.reopen))
         };
+        // a whole batch goes to one file: before or after the reopen, never both
+        if reopen || checked.elapsed() >= CHECK_PATH_EVERY {
+            out.reopen_if(reopen);
+            checked = std::time::Instant::now();
+        }
         if !spare.is_empty() {
-            if let Err(e) = out.write_all(&spare).and_then(|()| out.flush()) {
+            if let Err(e) = out.write(&spare) {
                 log::error!("access log write failed: {e}");
             }
             spare.clear();
@@ -212,5 +295,42 @@ mod tests {
             assert!(mine[999].ends_with("\"i\":999}"), "{}", mine[999]);
         }
         assert_eq!(counter.get(), 0);
+    }
+
+    #[test]
+    fn a_renamed_log_is_reopened_on_request_and_by_itself() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("access.log");
+        let counter = IntCounter::new("d", "d").expect("counter");
+        let log = AccessLogger::start(&AccessLog::File(path.clone()), counter).expect("logger");
+        log.log(b"one");
+        log.flush();
+        std::fs::rename(&path, dir.path().join("access.log.1")).expect("rename");
+        log.log(b"two");
+        log.flush();
+        log.reopen();
+        log.log(b"three");
+        log.flush();
+        std::fs::rename(&path, dir.path().join("access.log.2")).expect("rename");
+        // no signal: the path check notices within a second
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while !path.exists() && std::time::Instant::now() < deadline {
+            log.log(b"four");
+            log.flush();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        log.log(b"five");
+        log.flush();
+        let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap_or_default();
+        assert_eq!(read("access.log.1"), "one\ntwo\n");
+        assert_eq!(
+            read("access.log.2"),
+            "three\n".to_string() + &"four\n".repeat(read("access.log.2").matches("four").count())
+        );
+        assert!(
+            read("access.log").ends_with("five\n"),
+            "{}",
+            read("access.log")
+        );
     }
 }

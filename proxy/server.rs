@@ -160,6 +160,15 @@ pub fn run(config_path: &Path) -> Result<(), String> {
         },
     ));
     server.add_service(background_service(
+        "access log reopen",
+        ReopenOnUsr1 {
+            reopen: {
+                let s = shared.clone();
+                Arc::new(move || s.access_log.reopen())
+            },
+        },
+    ));
+    server.add_service(background_service(
         "readiness",
         Readiness {
             shared: shared.clone(),
@@ -197,6 +206,34 @@ impl ServerApp for EdgeApp {
 
     async fn cleanup(&self) {
         self.0.cleanup().await
+    }
+}
+
+/// SIGUSR1 opens the access log file again (after logrotate renamed it), as nginx does.
+struct ReopenOnUsr1 {
+    reopen: Arc<dyn Fn() + Send + Sync>,
+}
+
+#[async_trait]
+impl BackgroundService for ReopenOnUsr1 {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
+            log::error!("cannot install the SIGUSR1 handler: the access log reopens only when its path changes");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                got = usr1.recv() => {
+                    if got.is_none() {
+                        return;
+                    }
+                    log::info!("SIGUSR1: reopening the access log");
+                    (self.reopen)();
+                }
+            }
+        }
     }
 }
 

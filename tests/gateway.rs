@@ -862,3 +862,79 @@ sticky = "cookie"
         }
     });
 }
+
+#[test]
+fn access_log_rotated_under_load_every_request_once() {
+    let dir = tempdir();
+    let b1 = Backend::start(dir.path(), "b1");
+    let log = dir.path().join("access.jsonl");
+    let listen = free_addr();
+    let config = format!(
+        "[server]\naccess_log = \"access.jsonl\"\n[admin]\nlisten = \"{{admin}}\"\n[[listener]]\nlisten = \"{listen}\"\n{}",
+        one_pool(&[b1.addr], "")
+    );
+    let s = Sluice::start(dir.path(), &config);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let sent = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|sc| {
+        for t in 0..3 {
+            let (stop, sent) = (&stop, &sent);
+            sc.spawn(move || {
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let id = format!("rot-{t}-{i}");
+                    let r = request(listen, "GET", "/", &[("x-request-id", &id)]);
+                    assert_eq!(r.map(|r| r.code), Some(200));
+                    sent.lock().expect("lock").push(id);
+                    i += 1;
+                }
+            });
+        }
+        let pause = std::time::Duration::from_millis(400);
+        std::thread::sleep(pause);
+        // logrotate's way: rename, then SIGUSR1
+        std::fs::rename(&log, dir.path().join("access.jsonl.1")).expect("rename");
+        std::thread::sleep(pause);
+        s.proc.signal(libc::SIGUSR1);
+        std::thread::sleep(pause);
+        // renamed without a signal: noticed within a second
+        std::fs::rename(&log, dir.path().join("access.jsonl.2")).expect("rename");
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let sent = sent.into_inner().expect("sent");
+    assert!(sent.len() > 100, "{}", sent.len());
+    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut per_file = Vec::new();
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        seen.clear();
+        per_file.clear();
+        for f in ["access.jsonl.1", "access.jsonl.2", "access.jsonl"] {
+            let text = std::fs::read_to_string(dir.path().join(f)).unwrap_or_default();
+            per_file.push(text.lines().count());
+            for l in text.lines() {
+                let v: serde_json::Value = serde_json::from_str(l).expect("json line");
+                if let Some(id) = v["request_id"].as_str() {
+                    *seen.entry(id.to_string()).or_default() += 1;
+                }
+            }
+        }
+        if seen.len() >= sent.len() || std::time::Instant::now() > end {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    eprintln!(
+        "access log rotation: {} requests, lines per file {per_file:?}",
+        sent.len()
+    );
+    assert!(
+        per_file.iter().all(|n| *n > 0),
+        "every file got lines: {per_file:?}"
+    );
+    for id in &sent {
+        assert_eq!(seen.get(id), Some(&1), "request {id}");
+    }
+    assert_eq!(seen.len(), sent.len());
+}
