@@ -13,6 +13,7 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::{json, Map, Value};
 
+use crate::approvals::PendingChange;
 use crate::audit::Entry;
 use crate::auth;
 use crate::snapshot::Snapshot;
@@ -131,13 +132,26 @@ enum Op {
     SetWeights(String),
     StartShift(String),
     StopShift(String),
+    /// `GET /approvals` (a read, but with a token).
+    ListApprovals,
+    Approve(String),
+    Reject(String),
 }
 
 impl Op {
     fn route(&self) -> Option<&str> {
         match self {
-            Op::Reload => None,
+            Op::Reload | Op::ListApprovals | Op::Approve(_) | Op::Reject(_) => None,
             Op::SetWeights(r) | Op::StartShift(r) | Op::StopShift(r) => Some(r),
+        }
+    }
+
+    /// The `require_approval` kind of a guarded call.
+    fn kind(&self) -> Option<&'static str> {
+        match self {
+            Op::SetWeights(_) => Some("weights"),
+            Op::StartShift(_) => Some("shift"),
+            _ => None,
         }
     }
 }
@@ -160,6 +174,16 @@ fn endpoint(method: &Method, path: &str) -> Endpoint {
     };
     if path == "/reload" {
         return m(&Method::POST, Op::Reload, "POST");
+    }
+    if path == "/approvals" {
+        return m(&Method::GET, Op::ListApprovals, "GET");
+    }
+    if let Some(id) = path.strip_prefix("/approvals/") {
+        return match *method {
+            Method::POST => Endpoint::Mutating(Op::Approve(id.into())),
+            Method::DELETE => Endpoint::Mutating(Op::Reject(id.into())),
+            _ => Endpoint::WrongMethod("POST, DELETE"),
+        };
     }
     let Some(rest) = path.strip_prefix("/routes/") else {
         return Endpoint::ReadOnly;
@@ -333,17 +357,20 @@ impl Admin {
             Some(r) => shared.traffic.get(r).map_or(Value::Null, |c| c.to_json()),
             None => json!({ "generation": shared.snapshot().generation }),
         };
-        let audit = |status: StatusCode, after: Value, error: Option<&str>| {
+        let audit_full = |status: StatusCode, before: Value, after: Value, error: Option<&str>| {
             shared.audit.record(Entry {
                 remote: remote.map(|a| a.to_string()),
                 token: presented.as_deref(),
                 method: &method,
                 path: &path,
                 status: status.as_u16(),
-                before: before.clone(),
+                before,
                 after,
                 error,
             });
+        };
+        let audit = |status: StatusCode, after: Value, error: Option<&str>| {
+            audit_full(status, before.clone(), after, error)
         };
         let refuse = |status: StatusCode, why: &str| {
             audit(status, Value::Null, Some(why));
@@ -380,7 +407,142 @@ impl Admin {
             Ok(b) => b,
             Err((code, why)) => return refuse(code, &why),
         };
+        // two-person approval: a guarded call only records what it asks for
+        let snap_admin = &snap.config.admin;
+        if let (Some(kind), Some(route), Some(token)) =
+            (op.kind(), op.route(), presented.as_deref())
+        {
+            if snap_admin.require_approval.iter().any(|k| k == kind) {
+                let valid = match &op {
+                    Op::SetWeights(_) => parse_weights(&body).map(|_| ()),
+                    _ => parse_shift(&body).map(|_| ()),
+                };
+                if let Err(why) = valid {
+                    return refuse(StatusCode::BAD_REQUEST, &why);
+                }
+                let revision = shared.traffic.get(route).map_or(0, |c| c.revision());
+                let body_json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let p = PendingChange::new(
+                    route,
+                    kind,
+                    body_json,
+                    token,
+                    revision,
+                    snap_admin.approval_timeout,
+                );
+                if shared.approvals.put(&p).await.is_err() {
+                    return refuse(StatusCode::SERVICE_UNAVAILABLE, "cluster store unavailable");
+                }
+                let after = json!({ "pending": p.to_json() });
+                audit(StatusCode::ACCEPTED, after.clone(), None);
+                log::info!(
+                    "admin: {method} {path} by token {} waits for approval {}",
+                    p.requested_by,
+                    p.id
+                );
+                return json_reply(StatusCode::ACCEPTED, &after);
+            }
+        }
         let outcome: Result<(StatusCode, Change), Refused> = match &op {
+            Op::ListApprovals => {
+                crate::approvals::expire(shared.approvals.as_ref(), &shared.audit).await;
+                return match shared.approvals.list().await {
+                    Ok(all) => json_reply(
+                        StatusCode::OK,
+                        &json!({ "pending": all.iter().map(PendingChange::to_json).collect::<Vec<_>>() }),
+                    ),
+                    Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "cluster store unavailable"),
+                };
+            }
+            Op::Reject(id) => {
+                return match shared.approvals.get(id).await {
+                    Err(_) => refuse(StatusCode::SERVICE_UNAVAILABLE, "cluster store unavailable"),
+                    Ok(Some(p)) if !p.expired(crate::traffic::now_ms()) => {
+                        match shared.approvals.remove(id).await {
+                            Ok(true) => {
+                                let after = json!({ "rejected": p.to_json() });
+                                audit(StatusCode::OK, after.clone(), None);
+                                json_reply(StatusCode::OK, &after)
+                            }
+                            Ok(false) => refuse(
+                                StatusCode::NOT_FOUND,
+                                &format!("no pending change \"{id}\""),
+                            ),
+                            Err(_) => {
+                                refuse(StatusCode::SERVICE_UNAVAILABLE, "cluster store unavailable")
+                            }
+                        }
+                    }
+                    Ok(_) => {
+                        crate::approvals::expire(shared.approvals.as_ref(), &shared.audit).await;
+                        refuse(
+                            StatusCode::NOT_FOUND,
+                            &format!("no pending change \"{id}\" (unknown or expired)"),
+                        )
+                    }
+                };
+            }
+            Op::Approve(id) => {
+                let token = presented.as_deref().unwrap_or_default();
+                let p = match shared.approvals.get(id).await {
+                    Err(_) => {
+                        return refuse(StatusCode::SERVICE_UNAVAILABLE, "cluster store unavailable")
+                    }
+                    Ok(Some(p)) if !p.expired(crate::traffic::now_ms()) => p,
+                    Ok(_) => {
+                        crate::approvals::expire(shared.approvals.as_ref(), &shared.audit).await;
+                        return refuse(
+                            StatusCode::NOT_FOUND,
+                            &format!("no pending change \"{id}\" (unknown or expired)"),
+                        );
+                    }
+                };
+                if p.asked_by(token) {
+                    return refuse(
+                        StatusCode::FORBIDDEN,
+                        "the token that asked for a change cannot approve it: a second, different token must",
+                    );
+                }
+                let now_rev = shared.traffic.get(&p.route).map(|c| c.revision());
+                if now_rev != Some(p.revision) {
+                    return refuse(
+                        StatusCode::CONFLICT,
+                        &format!(
+                            "route \"{}\" changed since this was asked (revision {} then, {} now): ask again",
+                            p.route,
+                            p.revision,
+                            now_rev.map_or("none".to_string(), |r| r.to_string())
+                        ),
+                    );
+                }
+                match shared.approvals.remove(id).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        return refuse(
+                            StatusCode::NOT_FOUND,
+                            &format!("no pending change \"{id}\""),
+                        )
+                    }
+                    Err(_) => {
+                        return refuse(StatusCode::SERVICE_UNAVAILABLE, "cluster store unavailable")
+                    }
+                }
+                let body = serde_json::to_vec(&p.body).unwrap_or_default();
+                let op = match p.kind.as_str() {
+                    "weights" => parse_weights(&body).map(TrafficOp::Weights),
+                    _ => parse_shift(&body).map(|(to, step, every)| TrafficOp::Shift {
+                        to,
+                        step,
+                        every,
+                    }),
+                };
+                match op {
+                    Err(why) => return refuse(StatusCode::BAD_REQUEST, &why),
+                    Ok(op) => change(shared, &p.route, op)
+                        .await
+                        .map(|c| (StatusCode::OK, c)),
+                }
+            }
             Op::Reload => {
                 let s = shared.clone();
                 let reloaded = tokio::task::spawn_blocking(move || s.reload("POST /reload")).await;
@@ -412,7 +574,12 @@ impl Admin {
         };
         match outcome {
             Ok((code, change)) => {
-                audit(code, change.after.clone(), None);
+                // an approval's route is known only once the change is found
+                let before = match op {
+                    Op::Approve(_) => change.before.clone(),
+                    _ => before.clone(),
+                };
+                audit_full(code, before, change.after.clone(), None);
                 log::info!(
                     "admin: {method} {path} by token {} from {ip}: {}",
                     presented
@@ -591,6 +758,9 @@ mod tests {
             Endpoint::Mutating(Op::SetWeights(r)) => format!("weights {r}"),
             Endpoint::Mutating(Op::StartShift(r)) => format!("shift {r}"),
             Endpoint::Mutating(Op::StopShift(r)) => format!("stop {r}"),
+            Endpoint::Mutating(Op::ListApprovals) => "approvals".to_string(),
+            Endpoint::Mutating(Op::Approve(id)) => format!("approve {id}"),
+            Endpoint::Mutating(Op::Reject(id)) => format!("reject {id}"),
             Endpoint::WrongMethod(a) => format!("405 {a}"),
             Endpoint::ReadOnly => "read".to_string(),
         };
@@ -601,5 +771,10 @@ mod tests {
         assert_eq!(op(Method::PUT, "/routes/shop/shift"), "405 POST, DELETE");
         assert_eq!(op(Method::GET, "/reload"), "405 POST");
         assert_eq!(op(Method::GET, "/routes/shop"), "read");
+        assert_eq!(op(Method::GET, "/approvals"), "approvals");
+        assert_eq!(op(Method::POST, "/approvals"), "405 GET");
+        assert_eq!(op(Method::POST, "/approvals/ab12"), "approve ab12");
+        assert_eq!(op(Method::DELETE, "/approvals/ab12"), "reject ab12");
+        assert_eq!(op(Method::PUT, "/approvals/ab12"), "405 POST, DELETE");
     }
 }

@@ -67,6 +67,20 @@ impl Audit {
         self.write(&line);
     }
 
+    /// Something sluice did by itself (an approval expiring), with what it concerned.
+    pub fn event(&self, method: &str, path: &str, subject: Value) {
+        self.write(&json!({
+            "ts": now(),
+            "remote": null,
+            "token": null,
+            "method": method,
+            "path": path,
+            "status": null,
+            "before": subject,
+            "after": null,
+        }));
+    }
+
     /// A shift undone by sluice itself.
     pub fn rollback(&self, e: &RolledBack) {
         self.write(&json!({

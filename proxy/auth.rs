@@ -111,7 +111,7 @@ pub fn check<'a>(tokens: Option<&[String]>, header: Option<&'a str>) -> Result<&
 }
 
 /// Constant-time equality for equal lengths; lengths are not secret.
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }

@@ -2,6 +2,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod approvals;
 pub mod audit;
 pub mod auth;
 pub mod balancer;

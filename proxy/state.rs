@@ -30,6 +30,9 @@ pub struct Shared {
     pub fleet: Option<Arc<crate::cluster::Fleet>>,
     /// Fleet mode: the exchange of fleet-wide rate-limit counts.
     pub exchange: Option<Arc<crate::cluster::limits::Exchange>>,
+    /// Changes waiting for a second token (`[admin] require_approval`): here, or in Redis in
+    /// fleet mode.
+    pub approvals: Arc<dyn crate::approvals::ApprovalStore>,
     /// Admin clients that failed authentication too often.
     pub lockout: crate::auth::Lockout,
     /// What the pools' backend names resolve to: survives reloads.
@@ -80,6 +83,10 @@ impl Shared {
             None => (None, None),
         };
         traffic.apply_config(&config);
+        let approvals: Arc<dyn crate::approvals::ApprovalStore> = match &fleet {
+            Some(f) => Arc::new(crate::approvals::RedisApprovals::new(f.store.clone())),
+            None => Arc::new(crate::approvals::LocalApprovals::default()),
+        };
         let audit = Arc::new(crate::audit::Audit::new(
             config.admin.audit_log.clone(),
             config.cluster.as_ref().map(|c| c.instance.clone()),
@@ -130,6 +137,7 @@ impl Shared {
             audit,
             fleet,
             exchange,
+            approvals,
             lockout: crate::auth::Lockout::default(),
             discovery,
             conns: crate::edge::conns::Conns::default(),

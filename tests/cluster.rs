@@ -19,6 +19,8 @@ use common::*;
 use serde_json::Value;
 
 const TOKEN: &str = "fleet-token-8c1d2e";
+/// A second operator's token.
+const TOKEN2: &str = "fleet-token-2-41b7";
 
 /// The Redis shared by the tests of this binary that do not stop it.
 fn shared_redis() -> SocketAddr {
@@ -40,6 +42,8 @@ struct Fleet {
     extra: String,
     /// More keys of `[cluster]`.
     cluster_extra: String,
+    /// More keys of `[admin]`.
+    admin_extra: String,
 }
 
 struct Replica {
@@ -72,6 +76,7 @@ impl Fleet {
             prefix: prefix.to_string(),
             extra: extra.to_string(),
             cluster_extra: cluster_extra.to_string(),
+            admin_extra: String::new(),
         };
         for _ in 0..n {
             f.add();
@@ -84,7 +89,7 @@ impl Fleet {
         let i = self.replicas.len();
         let dir = self.dir.path().join(format!("r{i}"));
         std::fs::create_dir_all(&dir).expect("replica dir");
-        std::fs::write(dir.join("admin.token"), format!("{TOKEN}\n")).expect("token");
+        std::fs::write(dir.join("admin.token"), format!("{TOKEN}\n{TOKEN2}\n")).expect("token");
         let listen = free_addr();
         let config = format!(
             r#"
@@ -94,6 +99,7 @@ threads = 1
 listen = "{{admin}}"
 token_file = "admin.token"
 audit_log = "audit.jsonl"
+{admin_extra}
 [cluster]
 redis = "{redis}"
 instance = "r{i}"
@@ -128,6 +134,7 @@ min_requests = 30
             green = self.green.addr,
             extra = self.extra,
             cluster_extra = self.cluster_extra,
+            admin_extra = self.admin_extra,
         );
         let sluice = Sluice::start(&dir, &config);
         self.replicas.push(Some(Replica { sluice, listen }));
@@ -173,7 +180,11 @@ impl Fleet {
 
 impl Replica {
     fn admin(&self, method: &str, path: &str, body: &str) -> (u16, Value) {
-        let auth = format!("Bearer {TOKEN}");
+        self.admin_as(TOKEN, method, path, body)
+    }
+
+    fn admin_as(&self, token: &str, method: &str, path: &str, body: &str) -> (u16, Value) {
+        let auth = format!("Bearer {token}");
         let headers = [
             ("content-type", "application/json"),
             ("authorization", auth.as_str()),
@@ -1016,4 +1027,41 @@ fn without_redis_each_replica_still_rolls_back_and_records_it_when_redis_returns
         f.r(0).route()
     );
     assert_eq!(f.r(0).green(), 0);
+}
+
+#[test]
+fn approvals_asked_on_one_replica_are_approved_on_another() {
+    let redis = shared_redis();
+    let mut f = Fleet::start(0, &format!("redis://{redis}/0"), &prefix("approve"), "");
+    f.admin_extra = "require_approval = [\"weights\"]\napproval_timeout = \"1m\"".into();
+    f.add();
+    f.add();
+    let (code, v) = f.r(0).admin(
+        "PUT",
+        "/routes/shop/weights",
+        r#"{"blue": 20, "green": 80}"#,
+    );
+    assert_eq!(code, 202, "{v}");
+    let id = v["pending"]["id"].as_str().expect("id").to_string();
+    // the other replica lists it, and the asker cannot approve it there either
+    let (code, list) = f.r(1).admin_as(TOKEN2, "GET", "/approvals", "");
+    assert_eq!(code, 200);
+    assert_eq!(list["pending"][0]["id"], id.as_str());
+    assert_eq!(f.r(1).admin("POST", &format!("/approvals/{id}"), "").0, 403);
+    let (code, v) = f
+        .r(1)
+        .admin_as(TOKEN2, "POST", &format!("/approvals/{id}"), "");
+    assert_eq!(code, 200, "{v}");
+    for (i, r) in f.live() {
+        assert!(
+            wait_until(Duration::from_secs(2), || r.green() == 80),
+            "replica {i}"
+        );
+    }
+    assert_eq!(
+        f.r(0)
+            .admin_as(TOKEN2, "POST", &format!("/approvals/{id}"), "")
+            .0,
+        404
+    );
 }

@@ -271,11 +271,12 @@ impl Fleet {
                 .map_err(unavailable)?
             {
                 Commit::Done => {
+                    // the route as this write left it (a newer write may already be in force)
                     let json = self
                         .traffic
-                        .adopt(route, base + 1, after)
-                        .or_else(|| self.traffic.get(route).map(|c| c.to_json()))
+                        .json_of(route, base + 1, after.clone())
                         .unwrap_or(Value::Null);
+                    self.traffic.adopt(route, base + 1, after);
                     return Ok(Change {
                         before,
                         after: json,

@@ -51,6 +51,10 @@ pub struct Admin {
     pub state_file: Option<PathBuf>,
     /// One JSON line per mutating admin call; `None`: no audit trail.
     pub audit_log: Option<PathBuf>,
+    /// Kinds of change (`"weights"`, `"shift"`) that wait for a second, different token.
+    pub require_approval: Vec<String>,
+    /// A pending change not approved by then expires.
+    pub approval_timeout: Duration,
 }
 
 #[derive(Clone)]
@@ -588,6 +592,8 @@ impl Builder<'_, '_> {
             tokens: None,
             state_file: None,
             audit_log: None,
+            require_approval: Vec::new(),
+            approval_timeout: Duration::from_secs(15 * 60),
         };
         let Some(t) = root.table(self.d, "admin") else {
             return (!root.has("admin")).then_some(admin);
@@ -603,9 +609,29 @@ impl Builder<'_, '_> {
                 "approval_timeout",
             ],
         );
-        for key in ["require_approval", "approval_timeout"] {
-            if let Some(span) = t.key_span(key) {
-                self.not_yet(&span, &format!("`admin.{key}` (two-person approval)"));
+        if let Some(list) = t.strings(self.d, "require_approval") {
+            for k in list.value {
+                if k.value != "weights" && k.value != "shift" {
+                    self.d.error(
+                        &k.span,
+                        format!(
+                            "`admin.require_approval`: \"{}\" is not \"weights\" or \"shift\"",
+                            k.value
+                        ),
+                    );
+                } else if !admin.require_approval.contains(&k.value) {
+                    admin.require_approval.push(k.value);
+                }
+            }
+        }
+        if let Some(d) = t.duration(self.d, "approval_timeout") {
+            if d.value < Duration::from_secs(1) || d.value > Duration::from_secs(7 * 24 * 3600) {
+                self.d.error(
+                    &d.span,
+                    "`admin.approval_timeout` must be between 1s and 7 days",
+                );
+            } else {
+                admin.approval_timeout = d.value;
             }
         }
         for key in ["state_file", "audit_log"] {

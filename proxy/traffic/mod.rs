@@ -681,6 +681,15 @@ impl Traffic {
         Some(route_json(route, &i))
     }
 
+    /// The route's JSON for a given revision and state (what a write left, even when a newer
+    /// one is already in force).
+    pub fn json_of(&self, route: &str, rev: u64, r: SavedRoute) -> Option<Value> {
+        let ctl = self.get(route)?;
+        let mut i = ctl.lock().clone();
+        i.take(rev, r);
+        Some(route_json(route, &i))
+    }
+
     /// Every route's revision and whole state (fleet mode re-seeds an empty store with them).
     pub fn records(&self) -> Vec<(String, u64, SavedRoute)> {
         self.map()
