@@ -43,6 +43,33 @@ fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<
     r
 }
 
+/// The status page: one self-contained HTML page (inline style and script, no external
+/// assets) that reads `/status` every second. Nothing on it changes anything.
+const STATUS_PAGE: &[u8] = include_bytes!("status_page.html");
+
+fn status_page() -> Response<Vec<u8>> {
+    let mut r = reply(
+        StatusCode::OK,
+        "text/html; charset=utf-8",
+        STATUS_PAGE.to_vec(),
+    );
+    let h = r.headers_mut();
+    for (k, v) in [
+        (
+            "content-security-policy",
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        ),
+        ("x-content-type-options", "nosniff"),
+        ("cache-control", "no-store"),
+        ("referrer-policy", "no-referrer"),
+    ] {
+        if let Ok(v) = http::HeaderValue::from_str(v) {
+            h.insert(k, v);
+        }
+    }
+    r
+}
+
 fn json_reply(status: StatusCode, v: &Value) -> Response<Vec<u8>> {
     let mut body = serde_json::to_vec(v).unwrap_or_default();
     body.push(b'\n');
@@ -80,6 +107,7 @@ pub fn status_json(shared: &Shared) -> Value {
                         "ejected_until": v.ejected_until
                             .map(|t| humantime::format_rfc3339_millis(t).to_string()),
                         "reason": v.reason,
+                        "ejections": { "active": v.ejections.0, "passive": v.ejections.1 },
                     })
                 }).collect::<Vec<_>>(),
             });
@@ -107,6 +135,37 @@ pub fn status_json(shared: &Shared) -> Value {
         "routes": (0..snap.routes.len()).map(|i| route_json(&snap, i)).collect::<Vec<_>>(),
         "pools": pools,
         "cluster": shared.fleet.as_ref().map(|f| f.status()),
+        "limits_hit": limits_hit(&shared.metrics),
+        "history": shared.history.json(),
+    })
+}
+
+/// How often each limit was hit since start (the counters of /metrics, summed over labels).
+fn limits_hit(m: &crate::metrics::Metrics) -> Value {
+    use prometheus::core::Collector;
+    let sum = |c: &dyn Collector| -> u64 {
+        c.collect()
+            .iter()
+            .flat_map(|f| f.get_metric())
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
+    };
+    let mut by_limit = serde_json::Map::new();
+    for f in m.limit_hits.collect() {
+        for metric in f.get_metric() {
+            let name = metric
+                .get_label()
+                .iter()
+                .find(|l| l.name() == "limit")
+                .map(|l| l.value().to_string())
+                .unwrap_or_default();
+            by_limit.insert(name, Value::from(metric.get_counter().get_value() as u64));
+        }
+    }
+    json!({
+        "connections_refused": sum(&m.connections_refused),
+        "rate_limited": sum(&m.rate_limited),
+        "by_limit": by_limit,
     })
 }
 
@@ -654,7 +713,7 @@ impl ServeHttp for Admin {
         if method != Method::GET && method != Method::HEAD {
             let known = matches!(
                 path.as_str(),
-                "/healthz" | "/readyz" | "/metrics" | "/status"
+                "/" | "/healthz" | "/readyz" | "/metrics" | "/status"
             ) || path.starts_with("/routes/");
             return if known {
                 error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
@@ -663,6 +722,7 @@ impl ServeHttp for Admin {
             };
         }
         match path.as_str() {
+            "/" => status_page(),
             "/healthz" => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
             "/readyz" => {
                 if self.shared.lifecycle.is_ready() {

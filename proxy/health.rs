@@ -74,6 +74,8 @@ pub struct View {
     pub state: &'static str,
     pub ejected_until: Option<SystemTime>,
     pub reason: Option<&'static str>,
+    /// Times taken out of rotation, by active checks and by passive ejection.
+    pub ejections: (u64, u64),
 }
 
 impl BackendHealth {
@@ -225,6 +227,7 @@ impl BackendHealth {
             } else {
                 None
             },
+            ejections: (self.ejected_active.get(), self.ejected_passive.get()),
         }
     }
 }

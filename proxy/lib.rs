@@ -15,6 +15,7 @@ pub mod edge;
 pub mod gateway;
 pub mod geo;
 pub mod health;
+pub mod history;
 pub mod metrics;
 pub mod proxy_protocol;
 pub mod rate_limit;

@@ -160,6 +160,13 @@ pub fn run(config_path: &Path) -> Result<(), String> {
         },
     ));
     server.add_service(background_service(
+        "status history",
+        crate::history::Sampler {
+            history: shared.history.clone(),
+            current: current.clone(),
+        },
+    ));
+    server.add_service(background_service(
         "approval expiry",
         crate::approvals::Expiry {
             store: shared.approvals.clone(),

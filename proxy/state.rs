@@ -30,6 +30,8 @@ pub struct Shared {
     pub fleet: Option<Arc<crate::cluster::Fleet>>,
     /// Fleet mode: the exchange of fleet-wide rate-limit counts.
     pub exchange: Option<Arc<crate::cluster::limits::Exchange>>,
+    /// Recent per-color counts of every route, for the status page.
+    pub history: Arc<crate::history::History>,
     /// Changes waiting for a second token (`[admin] require_approval`): here, or in Redis in
     /// fleet mode.
     pub approvals: Arc<dyn crate::approvals::ApprovalStore>,
@@ -138,6 +140,7 @@ impl Shared {
             fleet,
             exchange,
             approvals,
+            history: Arc::default(),
             lockout: crate::auth::Lockout::default(),
             discovery,
             conns: crate::edge::conns::Conns::default(),
