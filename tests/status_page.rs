@@ -151,7 +151,7 @@ fn the_status_page_shows_routes_weights_and_health_live() {
     let dir = tempdir();
     std::fs::write(dir.path().join("admin.token"), format!("{TOKEN}\n")).expect("token");
     let blue = Backend::start(dir.path(), "blue");
-    let mut green = Backend::start(dir.path(), "green");
+    let green = Backend::start(dir.path(), "green");
     let api = Backend::start(dir.path(), "api");
     let listen = free_addr();
     let health = r#"health = { path = "/healthz", interval = "300ms", timeout = "250ms", unhealthy_after = 2, healthy_after = 1 }"#;
