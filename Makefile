@@ -53,9 +53,10 @@ run: build
 
 # Real servers the tests start on loopback ports, installed with apt when missing: redis-server,
 # redis-sentinel and redis-cli (fleet mode, tests/cluster.rs), chromium (the status page,
-# tests/status_page.rs), dnsmasq (DNS
+# tests/status_page.rs), promtool from prometheus (alert and dashboard tests, tests/monitoring.rs),
+# dnsmasq (DNS
 # discovery, tests/discovery.rs). kubectl renders deploy/ in tests/deploy.rs (skipped without it).
-TEST_TOOLS := dnsmasq:dnsmasq-base redis-server:redis-server redis-sentinel:redis-sentinel redis-cli:redis-tools chromium:chromium
+TEST_TOOLS := dnsmasq:dnsmasq-base redis-server:redis-server redis-sentinel:redis-sentinel redis-cli:redis-tools chromium:chromium promtool:prometheus
 test-deps:
 	@missing=""; \
 	for t in $(TEST_TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \

@@ -140,6 +140,7 @@ impl BackgroundService for Watcher {
                 .iter()
                 .flat_map(|f| hops(f))
                 .collect();
+            let mut added = false;
             if let Some(w) = watcher.as_mut() {
                 names = files
                     .iter()
@@ -150,6 +151,7 @@ impl BackgroundService for Watcher {
                     let _ = w.unwatch(d);
                 }
                 for d in want.difference(&dirs) {
+                    added = true;
                     if let Err(e) = w.watch(d, RecursiveMode::NonRecursive) {
                         log::error!("cannot watch {}: {e}", d.display());
                     }
@@ -157,14 +159,18 @@ impl BackgroundService for Watcher {
                 dirs = want;
             }
             if first {
-                first = false;
                 self.shared.lifecycle.set_watching();
-                // whatever changed between the first load and the watch being in place
-                if self.shared.files_changed() {
-                    let _ = self.shared.reload("changed while starting");
-                    continue;
-                }
             }
+            // whatever changed between the last load and a new directory's watch being in
+            // place (at start, or after a ConfigMap swap to a new ..data target) was not seen
+            if (first || added) && self.shared.files_changed() {
+                first = false;
+                let _ = self
+                    .shared
+                    .reload("changed while the watch was being set up");
+                continue;
+            }
+            first = false;
             let hup_recv = async {
                 match hup.as_mut() {
                     Some(h) => h.recv().await,

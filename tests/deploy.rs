@@ -306,16 +306,8 @@ fn overlays_render_what_sluice_needs() {
     ] {
         assert!(alerts.contains(&want), "no alert {want}: {alerts:?}");
     }
-    let exported = running_metrics();
-    let mut names: Vec<String> = exprs
-        .iter()
-        .flat_map(|e| {
-            e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .filter(|w| w.starts_with("sluice_"))
-                .map(family)
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let exported = running_metric_names();
+    let mut names: Vec<String> = exprs.iter().flat_map(|e| metrics_in(e)).collect();
     names.sort();
     names.dedup();
     assert!(names.len() >= 6, "{names:?}");
@@ -325,16 +317,6 @@ fn overlays_render_what_sluice_needs() {
             "alert uses {n}, which sluice does not export"
         );
     }
-}
-
-/// The metric family of a sample name (a histogram's `_bucket`, `_sum` and `_count` series
-/// belong to it).
-fn family(sample: &str) -> String {
-    sample
-        .trim_end_matches("_bucket")
-        .trim_end_matches("_sum")
-        .trim_end_matches("_count")
-        .to_string()
 }
 
 /// `sluice check` on a config, with its certificate and token files made up in a temp dir.
@@ -379,57 +361,6 @@ fn check_config(text: &str) {
     );
 }
 
-/// Metric names a running sluice exports (blue/green route, rate limit, health checks).
-fn running_metrics() -> Vec<String> {
-    let dir = tempdir();
-    let blue = Backend::start(dir.path(), "blue");
-    let green = Backend::start(dir.path(), "green");
-    let listen = free_addr();
-    let s = Sluice::start(
-        dir.path(),
-        &format!(
-            r#"[admin]
-listen = "{{admin}}"
-[[listener]]
-listen = "{listen}"
-[rate_limit]
-requests = 100
-per = "1m"
-[[pool]]
-name = "blue"
-backends = ["{}"]
-[[pool]]
-name = "green"
-backends = ["{}"]
-[[route]]
-name = "shop"
-hosts = ["*"]
-blue = ["blue"]
-green = ["green"]
-"#,
-            blue.addr, green.addr
-        ),
-    );
-    assert_eq!(http_get(listen, "/").map(|r| r.0), Some(200));
-    assert!(wait_until(Duration::from_secs(5), || s
-        .metric("sluice_config_generation")
-        .is_some()));
-    let (_, body) = s.admin_get("/metrics").expect("metrics");
-    let mut names: Vec<String> = body
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split(['{', ' ']).next())
-        .map(family)
-        .collect();
-    names.sort();
-    names.dedup();
-    names
-}
-
-/// `deploy/set-weights.sh` against real sluice processes standing in for pods: a stand-in
-/// `kubectl` lists two ready pods and one that is not ready, and "port-forwards" each pod to
-/// its sluice's admin port. Every ready pod takes the weights, the unready one is left alone,
-/// and a refusal (unknown route) makes the script fail.
 #[test]
 fn set_weights_reaches_every_ready_pod() {
     if Command::new("curl").arg("--version").output().is_err() {

@@ -137,6 +137,11 @@ impl Hits {
         let c = |l: &str| m.limit_hits.with_label_values(&[l]);
         // body_bytes is counted by the gateway; exported from the start like the others
         c("body_bytes");
+        // the statuses a refused request head gets, exported from the start (0) so that
+        // dashboards see the series
+        for status in ["400", "408", "413", "431"] {
+            m.bad_requests.with_label_values(&[status]);
+        }
         Hits {
             header_timeout: c("header_timeout"),
             keepalive_timeout: c("keepalive_timeout"),

@@ -751,3 +751,77 @@ pub fn free_port_on(ips: &[&str]) -> u16 {
         }
     }
 }
+
+/// The metric families a running sluice exports with every feature that has metrics on: fleet
+/// mode (a real Redis), a backend by DNS name, blue-green, a rate limit, health checks.
+pub fn running_metric_names() -> Vec<String> {
+    let dir = tempdir();
+    let redis = redis::Redis::start(dir.path());
+    let blue = Backend::start(dir.path(), "blue");
+    let green = Backend::start(dir.path(), "green");
+    let listen = free_addr();
+    let s = Sluice::start(
+        dir.path(),
+        &format!(
+            r#"[admin]
+listen = "{{admin}}"
+[cluster]
+redis = "redis://{redis}/0"
+key_prefix = "metrics:"
+[[listener]]
+listen = "{listen}"
+[rate_limit]
+requests = 100
+per = "1m"
+scope = "cluster"
+[[pool]]
+name = "blue"
+backends = ["{blue}"]
+health = {{ path = "/healthz", interval = "200ms" }}
+[[pool]]
+name = "green"
+backends = ["localhost:{green_port}"]
+[[route]]
+name = "shop"
+hosts = ["*"]
+blue = ["blue"]
+green = ["green"]
+"#,
+            redis = redis.addr,
+            blue = blue.addr,
+            green_port = green.addr.port(),
+        ),
+    );
+    assert_eq!(http_get(listen, "/").map(|r| r.0), Some(200));
+    assert!(wait_until(Duration::from_secs(5), || s
+        .metric("sluice_cluster_store_up")
+        == Some(1.0)));
+    let (_, body) = s.admin_get("/metrics").expect("metrics");
+    let mut names: Vec<String> = body
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(metric_family)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The metric family of a sample name (a histogram's `_bucket`, `_sum` and `_count` series
+/// belong to it).
+pub fn metric_family(sample: &str) -> String {
+    sample
+        .trim_end_matches("_bucket")
+        .trim_end_matches("_sum")
+        .trim_end_matches("_count")
+        .to_string()
+}
+
+/// The `sluice_*` metric families an expression names.
+pub fn metrics_in(expr: &str) -> Vec<String> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("sluice_"))
+        .map(metric_family)
+        .collect()
+}
