@@ -66,6 +66,8 @@ pub struct Ctx {
     /// The route's `max_body_bytes` (0: no limit) and the body bytes seen so far.
     body_limit: u64,
     body_seen: u64,
+    /// The request's spans (`[tracing]`).
+    trace: Option<Box<crate::trace::RequestTrace>>,
     _inflight: Option<InflightGuard>,
 }
 
@@ -273,6 +275,7 @@ impl ProxyHttp for Gateway {
             geo_counted: false,
             body_limit: 0,
             body_seen: 0,
+            trace: None,
             _inflight: Some(self.shared.lifecycle.enter()),
         }
     }
@@ -280,6 +283,9 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let snap = self.shared.snapshot();
         ctx.snap = Some(snap.clone());
+        if let Some(t) = &self.shared.tracing {
+            ctx.trace = Some(Box::new(t.start_request(session.req_header())));
+        }
         // a client that stops reading (or an h2 window left at zero) is not waited for forever
         session.set_write_timeout(Some(snap.config.limits.send_timeout));
         strip_h2c_upgrade(session.req_header_mut());
@@ -392,7 +398,7 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         let (Some(snap), Some(r)) = (ctx.snap.clone(), ctx.route) else {
             return Err(Error::explain(ErrorType::InternalError, "no route chosen"));
         };
@@ -422,6 +428,10 @@ impl ProxyHttp for Gateway {
                         if snap.geo.is_some() && !ctx.geo_counted {
                             ctx.geo_counted = true;
                             color.regions[slot].1.inc();
+                        }
+                        if let (Some(t), Some(rt)) = (&self.shared.tracing, ctx.trace.as_mut()) {
+                            let method = session.req_header().method.as_str();
+                            t.start_attempt(rt, method, pool.backends[b].address);
                         }
                         return Ok(Box::new(pool.backends[b].peer.clone()));
                     }
@@ -520,6 +530,9 @@ impl ProxyHttp for Gateway {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if let Some(rt) = ctx.trace.as_ref() {
+            rt.attempt_status(resp.status.as_u16());
+        }
         if let Some((pool, b)) = ctx.pool().zip(ctx.backend) {
             let h = &pool.backends[b].health;
             if matches!(resp.status.as_u16(), 502..=504) {
@@ -568,6 +581,9 @@ impl ProxyHttp for Gateway {
             upstream.insert_header("x-forwarded-host", host)?;
         }
         upstream.insert_header("x-request-id", ctx.request_id.clone())?;
+        if let (Some(t), Some(rt)) = (&self.shared.tracing, ctx.trace.as_ref()) {
+            t.inject(rt, upstream);
+        }
         Ok(())
     }
 
@@ -644,6 +660,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let trace = ctx.trace.take();
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.start.elapsed();
         let route = ctx.route();
@@ -670,6 +687,45 @@ impl ProxyHttp for Gateway {
                     .inc();
             }
             None => {}
+        }
+        let trace_id = trace.as_ref().map(|t| t.trace_id());
+        if let Some(rt) = trace {
+            let req = session.req_header();
+            let backend = pool.zip(ctx.backend).map(|(p, b)| p.backends[b].address);
+            let attrs = || {
+                use opentelemetry::KeyValue;
+                let mut a = vec![
+                    KeyValue::new("http.request.method", req.method.as_str().to_string()),
+                    KeyValue::new("url.path", req.uri.path().to_string()),
+                    KeyValue::new("url.scheme", if ctx.tls { "https" } else { "http" }),
+                    KeyValue::new("server.address", ctx.host.as_str().to_string()),
+                    KeyValue::new(
+                        "network.protocol.version",
+                        if session.is_http2() { "2" } else { "1.1" },
+                    ),
+                    KeyValue::new("http.response.status_code", i64::from(status)),
+                    KeyValue::new("sluice.retries", i64::from(ctx.retries)),
+                    KeyValue::new("sluice.request_id", as_str(&ctx.request_id).to_string()),
+                ];
+                if let Some(ip) = ctx.client_ip {
+                    a.push(KeyValue::new("client.address", ip.to_string()));
+                }
+                if let Some(r) = route {
+                    a.push(KeyValue::new("sluice.route", r.name.clone()));
+                    a.push(KeyValue::new("http.route", r.name.clone()));
+                }
+                if ctx.colored {
+                    a.push(KeyValue::new("sluice.color", ctx.color.name()));
+                }
+                if let Some(p) = pool {
+                    a.push(KeyValue::new("sluice.pool", p.name.clone()));
+                }
+                if let Some(b) = backend {
+                    a.push(KeyValue::new("sluice.backend", b.to_string()));
+                }
+                a
+            };
+            rt.end(attrs, status, e.map(|e| e.etype().as_str()));
         }
         if !self.shared.access_log.enabled() {
             return;
@@ -705,6 +761,7 @@ impl ProxyHttp for Gateway {
                     .collect()
             }),
             request_id: as_str(&ctx.request_id),
+            trace_id,
             error: e.map(|e| e.etype().as_str()),
         };
         match serde_json::to_vec(&line) {
@@ -738,6 +795,8 @@ struct AccessLine<'a> {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     failed_backends: Vec<std::net::SocketAddr>,
     request_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace_id: Option<String>,
     error: Option<&'a str>,
 }
 

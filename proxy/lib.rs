@@ -24,5 +24,6 @@ pub mod server;
 pub mod snapshot;
 pub mod state;
 pub mod tls;
+pub mod trace;
 pub mod traffic;
 pub mod watch;

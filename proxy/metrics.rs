@@ -55,6 +55,7 @@ pub struct Metrics {
     pub pool_members: IntGaugeVec,
     /// `pool`, `result` = ok / error: DNS resolutions of the pool's names
     pub dns_resolutions: IntCounterVec,
+    pub trace_spans_dropped: IntCounter,
     /// Fleet mode only (registered by [`Metrics::register_cluster`]).
     pub cluster_store_up: IntGauge,
     pub cluster_leader: IntGauge,
@@ -182,6 +183,11 @@ impl Metrics {
             ),
             &["pool", "result"],
         )?;
+        let trace_spans_dropped = IntCounter::new(
+            "sluice_trace_spans_dropped_total",
+            "Spans not exported: the export queue was full or the collector could not be reached",
+        )?;
+        registry.register(Box::new(trace_spans_dropped.clone()))?;
         let cluster_store_up = IntGauge::new(
             "sluice_cluster_store_up",
             "1 while the cluster store (Redis) answers, 0 while it does not",
@@ -241,6 +247,7 @@ impl Metrics {
             cluster_store_up,
             cluster_leader,
             cluster_sync_seconds,
+            trace_spans_dropped,
         })
     }
 

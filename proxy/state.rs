@@ -30,6 +30,8 @@ pub struct Shared {
     pub fleet: Option<Arc<crate::cluster::Fleet>>,
     /// Fleet mode: the exchange of fleet-wide rate-limit counts.
     pub exchange: Option<Arc<crate::cluster::limits::Exchange>>,
+    /// OpenTelemetry spans (`[tracing]`); `None`: nothing is traced.
+    pub tracing: Option<Arc<crate::trace::Tracing>>,
     /// Recent per-color counts of every route, for the status page.
     pub history: Arc<crate::history::History>,
     /// Changes waiting for a second token (`[admin] require_approval`): here, or in Redis in
@@ -85,6 +87,13 @@ impl Shared {
             None => (None, None),
         };
         traffic.apply_config(&config);
+        let tracing = match &config.tracing {
+            Some(t) => Some(Arc::new(crate::trace::Tracing::start(
+                t,
+                metrics.trace_spans_dropped.clone(),
+            )?)),
+            None => None,
+        };
         let approvals: Arc<dyn crate::approvals::ApprovalStore> = match &fleet {
             Some(f) => Arc::new(crate::approvals::RedisApprovals::new(f.store.clone())),
             None => Arc::new(crate::approvals::LocalApprovals::default()),
@@ -141,6 +150,7 @@ impl Shared {
             exchange,
             approvals,
             history: Arc::default(),
+            tracing,
             lockout: crate::auth::Lockout::default(),
             discovery,
             conns: crate::edge::conns::Conns::default(),
@@ -336,6 +346,10 @@ fn restart_needed(running: &Config, new: &mut Config) -> Option<String> {
             running.server.threads, new.server.threads
         ));
         new.server.threads = running.server.threads;
+    }
+    if new.tracing != running.tracing {
+        what.push("[tracing]".to_string());
+        new.tracing = running.tracing.clone();
     }
     if new.cluster != running.cluster {
         what.push("[cluster]".to_string());

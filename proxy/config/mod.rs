@@ -369,6 +369,7 @@ pub struct Config {
     pub client_ip: ClientIp,
     pub rate_limit: Option<RateLimit>,
     pub cluster: Option<Cluster>,
+    pub tracing: Option<crate::trace::Config>,
     pub geoip: Option<GeoIp>,
     pub regions: Vec<Region>,
     pub pools: Vec<Pool>,
@@ -488,9 +489,7 @@ impl Builder<'_, '_> {
         let admin = self.admin(root);
         let tls = self.tls(root);
         let listeners = self.listeners(root, tls.is_some());
-        if let Some(span) = root.key_span("tracing") {
-            self.not_yet(&span, "[tracing] (OpenTelemetry tracing)");
-        }
+        let tracing = root.table(self.d, "tracing").and_then(|t| self.tracing(&t));
         let cluster = root.table(self.d, "cluster").and_then(|t| self.cluster(&t));
         let limits = self.limits(root);
         let resolver = self.resolver(root);
@@ -514,6 +513,7 @@ impl Builder<'_, '_> {
             client_ip,
             rate_limit,
             cluster,
+            tracing,
             geoip,
             regions,
             pools,
@@ -747,12 +747,6 @@ impl Builder<'_, '_> {
         Some(tls)
     }
 
-    /// A key of the contract that this version does not implement yet: refused, never ignored.
-    fn not_yet(&mut self, span: &Span, what: &str) {
-        self.d
-            .error(span, format!("{what} is not supported yet by this version"));
-    }
-
     /// Checks a referenced file exists and records it as a dependency of the config.
     fn file_exists(&mut self, p: &Path, span: &Span, key: &str) -> bool {
         if p.is_file() {
@@ -963,6 +957,55 @@ impl Builder<'_, '_> {
             }
         }
         r
+    }
+
+    /// `[tracing]`: where spans go and how many traces are recorded.
+    fn tracing(&mut self, t: &Table) -> Option<crate::trace::Config> {
+        t.check_keys(self.d, &["otlp_endpoint", "sample_ratio", "service_name"]);
+        let endpoint = match t.string(self.d, "otlp_endpoint") {
+            Some(e) => {
+                let ok = (e.value.starts_with("http://") || e.value.starts_with("https://"))
+                    && e.value
+                        .parse::<http::Uri>()
+                        .is_ok_and(|u| u.host().is_some());
+                if !ok {
+                    self.d.error(
+                        &e.span,
+                        format!(
+                            "`tracing.otlp_endpoint`: \"{}\" is not an http:// or https:// URL",
+                            e.value
+                        ),
+                    );
+                    return None;
+                }
+                e.value
+            }
+            None => "http://127.0.0.1:4318".to_string(),
+        };
+        let sample_ratio = match t.raw("sample_ratio") {
+            Some(v) => match v.get_ref() {
+                toml::de::DeValue::Float(f) => f.as_str().parse::<f64>().ok(),
+                toml::de::DeValue::Integer(i) => i.as_str().parse::<f64>().ok(),
+                _ => None,
+            }
+            .filter(|r| (0.0..=1.0).contains(r))
+            .or_else(|| {
+                self.d.error(
+                    &v.span(),
+                    "`tracing.sample_ratio` must be a number from 0 to 1",
+                );
+                None
+            })?,
+            None => 0.01,
+        };
+        let service_name = t
+            .string(self.d, "service_name")
+            .map_or_else(|| "sluice".to_string(), |s| s.value);
+        Some(crate::trace::Config {
+            endpoint,
+            sample_ratio,
+            service_name,
+        })
     }
 
     /// `[cluster]`: the Redis fleet mode shares state through.
