@@ -44,7 +44,7 @@ run: build
 	$(BIN) demo-backend --listen 127.0.0.1:9001 --name backend-1 & pids+=($$!); \
 	$(BIN) demo-backend --listen 127.0.0.1:9002 --name backend-2 & pids+=($$!); \
 	$(BIN) demo-backend --listen 127.0.0.1:9003 --name green-1 & pids+=($$!); \
-	echo "sluice demo: curl -k https://localhost:8443/   (admin: curl http://127.0.0.1:9900/status)"; \
+	echo "sluice demo: curl -k https://localhost:8443/   (status page: http://127.0.0.1:9900/, admin: curl http://127.0.0.1:9900/status)"; \
 	echo "shift to green: curl -X POST -H \"Authorization: Bearer \$$(cat state/admin.token)\" \
 	  127.0.0.1:9900/routes/shop/shift -d '{\"to\": \"green\", \"step\": 20, \"every\": \"5s\"}'"; \
 	$(BIN) run -c $(CONFIG) & pids+=($$!); \

@@ -16,7 +16,9 @@
 #   5. latency at the same fixed load for everyone: HTTP/1.1, BENCH_RATE requests/s spread over
 #      64 connections (h2load --h1 --rps), p50 / p99
 #   6. sluice with every feature on (rate limit, geo, blue-green 50/50, metrics, access log to a
-#      file) against sluice with them off: rows `sluice` and `sluice-off` of 1, 2 and 5
+#      file) against sluice with them off: rows `sluice` and `sluice-off` of 1, 2 and 5; and
+#      `sluice-traced`: every feature on plus OpenTelemetry tracing at sample_ratio 0.01, its
+#      spans exported over OTLP/HTTP to a sink (a demo backend), against `sluice`
 #
 # Environment: SLUICE_BIN (default target/release/sluice), BENCH_SECONDS (5), BENCH_ROUNDS (3),
 # BENCH_IDLE (5000), BENCH_RATE (3200), BENCH_OUT (benches/results), BENCH_ONLY (scenarios to
@@ -40,11 +42,13 @@ RAW=$WORK/raw.tsv   # scenario proxy round rps p50_ms p99_ms errors
 
 ONLY=${BENCH_ONLY:-http1 h2tls fixed handshake conns}
 RATE=${BENCH_RATE:-3200}
-PROXIES=(nginx haproxy bare sluice-off sluice)
+PROXIES=(nginx haproxy bare sluice-off sluice sluice-traced)
 [ -n "${SLUICE_BASE_BIN:-}" ] && PROXIES+=(sluice-base)
 BACKEND=127.0.0.1:18000
-declare -A PLAIN=([nginx]=18001 [haproxy]=18002 [bare]=18003 [sluice-off]=18004 [sluice]=18005 [sluice-base]=18006)
-declare -A TLS=([nginx]=18101 [haproxy]=18102 [bare]=18103 [sluice-off]=18104 [sluice]=18105 [sluice-base]=18106)
+declare -A PLAIN=([nginx]=18001 [haproxy]=18002 [bare]=18003 [sluice-off]=18004 [sluice]=18005 [sluice-base]=18006 [sluice-traced]=18007)
+declare -A TLS=([nginx]=18101 [haproxy]=18102 [bare]=18103 [sluice-off]=18104 [sluice]=18105 [sluice-base]=18106 [sluice-traced]=18107)
+# the OTLP sink of sluice-traced
+OTLP_SINK=18950
 wants() { [[ " $ONLY " == *" $1 "* ]]; }
 declare -A PIDS=()
 
@@ -147,9 +151,9 @@ backend back
     server s1 $BACKEND
 EOF
 
-sluice_config() { # name plain tls admin features(on|off)
+sluice_config() { # name plain tls admin features(on|off|traced)
 	local pools routes extra access
-	if [ "$5" = on ]; then
+	if [ "$5" != off ]; then
 		access="$WORK/$1-access.log"
 		extra=$(
 			cat <<EOF
@@ -169,6 +173,12 @@ name = "us-east"
 location = [39.04, -77.49]
 EOF
 		)
+		if [ "$5" = traced ]; then
+			extra="$extra
+[tracing]
+otlp_endpoint = \"http://127.0.0.1:$OTLP_SINK\"
+sample_ratio = 0.01"
+		fi
 		pools=$(
 			cat <<EOF
 [[pool]]
@@ -248,6 +258,7 @@ EOF
 sluice_config sluice-off "${PLAIN[sluice-off]}" "${TLS[sluice-off]}" 18904 off
 sluice_config sluice "${PLAIN[sluice]}" "${TLS[sluice]}" 18905 on
 sluice_config sluice-base "${PLAIN[sluice-base]}" "${TLS[sluice-base]}" 18906 on
+sluice_config sluice-traced "${PLAIN[sluice-traced]}" "${TLS[sluice-traced]}" 18907 traced
 
 # ---- start everything ----------------------------------------------------------------------
 start() { # name command...
@@ -273,6 +284,8 @@ start bare taskset -c $PROXY_CPU "$BIN" bench bare-proxy --listen "127.0.0.1:${P
 	--upstream $BACKEND --threads 1
 start sluice-off taskset -c $PROXY_CPU "$BIN" run -c "$WORK/sluice-off.toml"
 start sluice taskset -c $PROXY_CPU "$BIN" run -c "$WORK/sluice.toml"
+start otlp-sink taskset -c $LOAD_CPU "$BIN" demo-backend --listen "127.0.0.1:$OTLP_SINK" --name otlp-sink
+start sluice-traced taskset -c $PROXY_CPU "$BIN" run -c "$WORK/sluice-traced.toml"
 [ -n "${SLUICE_BASE_BIN:-}" ] && start sluice-base taskset -c $PROXY_CPU "$SLUICE_BASE_BIN" run -c "$WORK/sluice-base.toml"
 wait_port 18000
 for p in "${PROXIES[@]}"; do
@@ -471,6 +484,7 @@ cpu=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
 	echo "| sluice (all on) / bare pingora | $(vs http1 sluice bare) | $(vs h2tls sluice bare) |"
 	echo "| sluice (all on) / sluice (off) | $(vs http1 sluice sluice-off) | $(vs h2tls sluice sluice-off) |"
 	echo "| sluice (off) / bare pingora | $(vs http1 sluice-off bare) | $(vs h2tls sluice-off bare) |"
+	echo "| sluice-traced (all on + tracing at 0.01) / sluice (all on) | $(vs http1 sluice-traced sluice) | $(vs h2tls sluice-traced sluice) |"
 	if [ -n "${SLUICE_BASE_BIN:-}" ]; then
 		echo "| sluice (all on) / sluice-base (all on, $SLUICE_BASE_BIN) | $(vs http1 sluice sluice-base) | $(vs h2tls sluice sluice-base) |"
 	fi
