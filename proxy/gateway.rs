@@ -67,7 +67,7 @@ pub struct Ctx {
     body_limit: u64,
     body_seen: u64,
     /// The request's spans (`[tracing]`).
-    trace: Option<Box<crate::trace::RequestTrace>>,
+    trace: Option<crate::trace::RequestTrace>,
     _inflight: Option<InflightGuard>,
 }
 
@@ -284,7 +284,7 @@ impl ProxyHttp for Gateway {
         let snap = self.shared.snapshot();
         ctx.snap = Some(snap.clone());
         if let Some(t) = &self.shared.tracing {
-            ctx.trace = Some(Box::new(t.start_request(session.req_header())));
+            ctx.trace = Some(t.start_request(session.req_header()));
         }
         // a client that stops reading (or an h2 window left at zero) is not waited for forever
         session.set_write_timeout(Some(snap.config.limits.send_timeout));
@@ -688,7 +688,10 @@ impl ProxyHttp for Gateway {
             }
             None => {}
         }
-        let trace_id = trace.as_ref().map(|t| t.trace_id());
+        let trace_id = trace
+            .as_ref()
+            .filter(|_| self.shared.access_log.enabled())
+            .map(|t| t.trace_id());
         if let Some(rt) = trace {
             let req = session.req_header();
             let backend = pool.zip(ctx.backend).map(|(p, b)| p.backends[b].address);

@@ -47,6 +47,8 @@ pub struct Tracing {
     tracer: SdkTracer,
     provider: SdkTracerProvider,
     propagator: TraceContextPropagator,
+    /// A new trace is recorded when its random id falls below this (`sample_ratio` of 2^64).
+    threshold: u64,
 }
 
 impl Tracing {
@@ -63,9 +65,9 @@ impl Tracing {
             .spawn(move || export_loop(&url, rx, exporter_dropped, thread_resource))
             .map_err(|e| format!("cannot start the trace exporter thread: {e}"))?;
         let provider = SdkTracerProvider::builder()
-            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-                cfg.sample_ratio,
-            ))))
+            // the sampling decision is taken before the SDK is asked (start_request): what
+            // reaches it is recorded
+            .with_sampler(Sampler::AlwaysOn)
             .with_resource(resource)
             .with_span_processor(Queue { tx, dropped })
             .build();
@@ -74,52 +76,91 @@ impl Tracing {
             tracer,
             provider,
             propagator: TraceContextPropagator::new(),
+            threshold: (cfg.sample_ratio.clamp(0.0, 1.0) * u64::MAX as f64) as u64,
         })
     }
 
     /// Starts the server span of a request, continuing the client's trace if it sent one.
+    /// Parent-based sampling: a sampled incoming trace is recorded, an unsampled one is not, a
+    /// new one is with probability `sample_ratio`. A trace that is not recorded costs no SDK
+    /// work: only its ids are kept, to pass the context on.
     pub fn start_request(&self, req: &RequestHeader) -> RequestTrace {
-        let parent = self.propagator.extract(&Headers(req));
+        let incoming = req.headers.get("traceparent").is_some();
+        let parent = if incoming {
+            self.propagator.extract(&Headers(req))
+        } else {
+            Context::new()
+        };
+        let remote = parent.span().span_context().clone();
+        let record = if remote.is_valid() {
+            remote.is_sampled()
+        } else {
+            fastrand::u64(..) < self.threshold || self.threshold == u64::MAX
+        };
+        if !record {
+            let trace_id = if remote.is_valid() {
+                u128::from_be_bytes(remote.trace_id().to_bytes())
+            } else {
+                loop {
+                    let id = fastrand::u128(..);
+                    if id != 0 {
+                        break id;
+                    }
+                }
+            };
+            return RequestTrace::Light { trace_id };
+        }
         let span = self
             .tracer
             .span_builder(req.method.as_str().to_string())
             .with_kind(SpanKind::Server)
             .start_with_context(&self.tracer, &parent);
-        let server = parent.with_span(span);
-        RequestTrace {
-            server,
+        RequestTrace::Recorded(Recorded {
+            server: parent.with_span(span),
             attempt: None,
             attempts: 0,
-        }
+        })
     }
 
     /// Starts the span of one upstream attempt (ending an unfinished earlier one as failed).
     pub fn start_attempt(&self, t: &mut RequestTrace, method: &str, backend: std::net::SocketAddr) {
+        let RequestTrace::Recorded(t) = t else {
+            return;
+        };
         t.end_attempt(Some("retried on another backend"));
         t.attempts += 1;
-        let recording = t.server.span().is_recording();
-        let mut b = self
+        let span = self
             .tracer
             .span_builder(format!("upstream {method}"))
-            .with_kind(SpanKind::Client);
-        if recording {
-            b = b.with_attributes([
+            .with_kind(SpanKind::Client)
+            .with_attributes([
                 KeyValue::new("server.address", backend.ip().to_string()),
                 KeyValue::new("server.port", i64::from(backend.port())),
                 KeyValue::new("sluice.attempt", i64::from(t.attempts)),
-            ]);
-        }
-        let span = b.start_with_context(&self.tracer, &t.server);
+            ])
+            .start_with_context(&self.tracer, &t.server);
         t.attempt = Some(t.server.with_span(span));
     }
 
-    /// Sets `traceparent` (and `tracestate`) of the upstream request to the attempt's span.
+    /// Sets `traceparent` (and `tracestate`) of the upstream request to the attempt's span (a
+    /// trace not recorded passes on its trace id, unsampled, with a new parent id).
     pub fn inject(&self, t: &RequestTrace, upstream: &mut RequestHeader) {
-        let cx = t.attempt.as_ref().unwrap_or(&t.server);
-        upstream.remove_header("traceparent");
-        upstream.remove_header("tracestate");
-        self.propagator
-            .inject_context(cx, &mut HeadersMut(upstream));
+        match t {
+            RequestTrace::Recorded(t) => {
+                let cx = t.attempt.as_ref().unwrap_or(&t.server);
+                upstream.remove_header("traceparent");
+                upstream.remove_header("tracestate");
+                self.propagator
+                    .inject_context(cx, &mut HeadersMut(upstream));
+            }
+            RequestTrace::Light { trace_id } => {
+                // the client's tracestate (if any) goes on untouched
+                let tp = format!("00-{trace_id:032x}-{:016x}-00", fastrand::u64(1..));
+                if let Ok(v) = HeaderValue::from_str(&tp) {
+                    let _ = upstream.insert_header("traceparent", v);
+                }
+            }
+        }
     }
 
     pub fn shutdown(&self) {
@@ -127,8 +168,14 @@ impl Tracing {
     }
 }
 
-/// The spans of one request.
-pub struct RequestTrace {
+/// The trace of one request: recorded (SDK spans), or only its id, passed on.
+pub enum RequestTrace {
+    Recorded(Recorded),
+    Light { trace_id: u128 },
+}
+
+/// The spans of one recorded request.
+pub struct Recorded {
     server: Context,
     attempt: Option<Context>,
     attempts: u8,
@@ -137,55 +184,62 @@ pub struct RequestTrace {
 impl RequestTrace {
     /// The trace id (32 hex digits) for the access log.
     pub fn trace_id(&self) -> String {
-        self.server.span().span_context().trace_id().to_string()
+        match self {
+            RequestTrace::Recorded(r) => r.server.span().span_context().trace_id().to_string(),
+            RequestTrace::Light { trace_id } => format!("{trace_id:032x}"),
+        }
     }
 
-    /// Whether the spans are recorded (sampled): attributes are only worth building then.
+    /// Whether the spans are recorded (sampled).
     pub fn recording(&self) -> bool {
-        self.server.span().is_recording()
+        matches!(self, RequestTrace::Recorded(_))
     }
 
     /// The attempt's answer.
     pub fn attempt_status(&self, status: u16) {
-        if let Some(cx) = &self.attempt {
+        let RequestTrace::Recorded(r) = self else {
+            return;
+        };
+        if let Some(cx) = &r.attempt {
             let span = cx.span();
-            if span.is_recording() {
-                span.set_attribute(KeyValue::new(
-                    "http.response.status_code",
-                    i64::from(status),
-                ));
-                if status >= 500 {
-                    span.set_status(Status::error(format!("backend answered {status}")));
-                }
+            span.set_attribute(KeyValue::new(
+                "http.response.status_code",
+                i64::from(status),
+            ));
+            if status >= 500 {
+                span.set_status(Status::error(format!("backend answered {status}")));
             }
         }
     }
 
+    /// Ends the server span with the request's attributes (built only when recorded).
+    pub fn end(self, attrs: impl FnOnce() -> Vec<KeyValue>, status: u16, error: Option<&str>) {
+        let RequestTrace::Recorded(mut r) = self else {
+            return;
+        };
+        r.end_attempt(error);
+        let span = r.server.span();
+        span.set_attributes(attrs());
+        if status >= 500 || status == 0 {
+            span.set_status(Status::error(
+                error.map_or_else(|| format!("answered {status}"), str::to_string),
+            ));
+        }
+        span.end();
+    }
+}
+
+impl Recorded {
     /// Ends the attempt span, failed when `error` says why.
-    pub fn end_attempt(&mut self, error: Option<&str>) {
+    fn end_attempt(&mut self, error: Option<&str>) {
         if let Some(cx) = self.attempt.take() {
             let span = cx.span();
-            if let Some(e) = error.filter(|_| span.is_recording()) {
+            if let Some(e) = error {
                 span.set_attribute(KeyValue::new("error.type", e.to_string()));
                 span.set_status(Status::error(e.to_string()));
             }
             span.end();
         }
-    }
-
-    /// Ends the server span with the request's attributes.
-    pub fn end(mut self, attrs: impl FnOnce() -> Vec<KeyValue>, status: u16, error: Option<&str>) {
-        self.end_attempt(error);
-        let span = self.server.span();
-        if span.is_recording() {
-            span.set_attributes(attrs());
-            if status >= 500 || status == 0 {
-                span.set_status(Status::error(
-                    error.map_or_else(|| format!("answered {status}"), str::to_string),
-                ));
-            }
-        }
-        span.end();
     }
 }
 

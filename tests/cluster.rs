@@ -195,6 +195,15 @@ impl Replica {
         }
     }
 
+    /// `PUT /routes/shop/weights`: (status, JSON).
+    fn put(&self, blue: u8, green: u8) -> (u16, Value) {
+        self.admin(
+            "PUT",
+            "/routes/shop/weights",
+            &format!(r#"{{"blue": {blue}, "green": {green}}}"#),
+        )
+    }
+
     fn route(&self) -> Value {
         let (code, body) = self.sluice.admin_get("/routes/shop").expect("route");
         assert_eq!(code, 200);
@@ -282,11 +291,7 @@ fn weights_reach_every_replica_within_a_second_and_new_replicas_start_from_redis
         assert_eq!(r.green(), 0);
         assert_eq!(r.get(&[]).as_deref(), Ok("blue-1"));
     }
-    let (code, v) = f.r(1).admin(
-        "PUT",
-        "/routes/shop/weights",
-        r#"{"blue": 0, "green": 100}"#,
-    );
+    let (code, v) = f.r(1).put(0, 100);
     assert_eq!(code, 200, "{v}");
     let put_at = Instant::now();
     let rev = v["revision"].as_u64().expect("a revision");
@@ -339,20 +344,8 @@ fn weights_reach_every_replica_within_a_second_and_new_replicas_start_from_redis
     // a stale write is refused by compare-and-set, not lost: two replicas writing at once
     // both succeed in some order, and all converge on the last
     let (a, b) = std::thread::scope(|s| {
-        let a = s.spawn(|| {
-            f.r(0).admin(
-                "PUT",
-                "/routes/shop/weights",
-                r#"{"blue": 30, "green": 70}"#,
-            )
-        });
-        let b = s.spawn(|| {
-            f.r(2).admin(
-                "PUT",
-                "/routes/shop/weights",
-                r#"{"blue": 60, "green": 40}"#,
-            )
-        });
+        let a = s.spawn(|| f.r(0).put(30, 70));
+        let b = s.spawn(|| f.r(2).put(60, 40));
         (a.join().expect("a"), b.join().expect("b"))
     });
     assert_eq!((a.0, b.0), (200, 200), "{} {}", a.1, b.1);
@@ -396,11 +389,7 @@ fn one_controller_runs_shifts_and_another_takes_over_when_it_dies() {
         );
     }
     // back to blue, then a longer shift; the controller is killed in the middle of it
-    let (code, v) = f.r(0).admin(
-        "PUT",
-        "/routes/shop/weights",
-        r#"{"blue": 100, "green": 0}"#,
-    );
+    let (code, v) = f.r(0).put(100, 0);
     assert_eq!(code, 200, "{v}");
     let (code, v) = f.r(0).admin(
         "POST",
@@ -634,11 +623,7 @@ fn redis_killed_under_load_then_back_empty_the_fleet_reseeds_and_converges() {
         "kill:",
         "[rate_limit]\nrequests = 100000\nper = \"1m\"\nscope = \"cluster\"\nsync = \"100ms\"\n",
     );
-    let (code, v) = f.r(0).admin(
-        "PUT",
-        "/routes/shop/weights",
-        r#"{"blue": 0, "green": 100}"#,
-    );
+    let (code, v) = f.r(0).put(0, 100);
     assert_eq!(code, 200, "{v}");
     for (_, r) in f.live() {
         assert!(wait_until(Duration::from_secs(2), || r.green() == 100));
@@ -661,11 +646,7 @@ fn redis_killed_under_load_then_back_empty_the_fleet_reseeds_and_converges() {
         assert_eq!(r.sluice.metric("sluice_cluster_store_up"), Some(0.0));
         assert_eq!(r.get(&[]).as_deref(), Ok("green-1"));
     }
-    let (code, v) = f.r(1).admin(
-        "PUT",
-        "/routes/shop/weights",
-        r#"{"blue": 50, "green": 50}"#,
-    );
+    let (code, v) = f.r(1).put(50, 50);
     assert_eq!(code, 503, "{v}");
     assert_eq!(v["error"], "cluster store unavailable");
     std::thread::sleep(Duration::from_millis(1000));
@@ -688,11 +669,7 @@ fn redis_killed_under_load_then_back_empty_the_fleet_reseeds_and_converges() {
             "replica {i}"
         );
     }
-    let (code, v) = f.r(1).admin(
-        "PUT",
-        "/routes/shop/weights",
-        r#"{"blue": 100, "green": 0}"#,
-    );
+    let (code, v) = f.r(1).put(100, 0);
     assert_eq!(code, 200, "{v}");
     assert!(wait_until(Duration::from_secs(2), || f.r(0).green() == 0));
     std::thread::sleep(Duration::from_millis(200));
@@ -716,11 +693,7 @@ fn sentinel_failover_under_load_writes_work_again_after_it() {
     let sentinel = Redis::sentinel(dir.path(), "shop", master.addr);
     let url = format!("redis+sentinel://{}/shop/0", sentinel.addr);
     let f = Fleet::start(2, &url, "sentinel:", "");
-    let (code, v) = f.r(0).admin(
-        "PUT",
-        "/routes/shop/weights",
-        r#"{"blue": 20, "green": 80}"#,
-    );
+    let (code, v) = f.r(0).put(20, 80);
     assert_eq!(code, 200, "{v}");
     assert!(wait_until(Duration::from_secs(2), || f.r(1).green() == 80));
     let load = Load::start(f.live().map(|(_, r)| r.listen).collect());
@@ -739,11 +712,7 @@ fn sentinel_failover_under_load_writes_work_again_after_it() {
     // writes come back once Sentinel has promoted the replica
     let mut last = (0, Value::Null);
     let back = wait_until(Duration::from_secs(20), || {
-        last = f.r(1).admin(
-            "PUT",
-            "/routes/shop/weights",
-            r#"{"blue": 60, "green": 40}"#,
-        );
+        last = f.r(1).put(60, 40);
         last.0 == 200
     });
     assert!(back, "writes never came back: {} {}", last.0, last.1);
@@ -777,11 +746,7 @@ fn sync_0s_asks_redis_per_request_and_is_exact() {
 fn file_weights_changed_on_every_replica_win_once_fleet_wide() {
     let redis = shared_redis();
     let f = Fleet::start(3, &format!("redis://{redis}/0"), &prefix("file"), "");
-    let (code, v) = f.r(0).admin(
-        "PUT",
-        "/routes/shop/weights",
-        r#"{"blue": 0, "green": 100}"#,
-    );
+    let (code, v) = f.r(0).put(0, 100);
     assert_eq!(code, 200, "{v}");
     let rev = v["revision"].as_u64().expect("revision");
     for (_, r) in f.live() {
@@ -839,11 +804,7 @@ fn a_rotated_password_is_used_for_new_connections() {
         &format!("password_file = \"{}\"", pw.display()),
         "",
     );
-    let (code, v) = f.r(0).admin(
-        "PUT",
-        "/routes/shop/weights",
-        r#"{"blue": 0, "green": 100}"#,
-    );
+    let (code, v) = f.r(0).put(0, 100);
     assert_eq!(code, 200, "{v}");
     // rotation: the server's password changes, then the file; connections are cut
     let auth = ["-a", "first-secret", "--no-auth-warning"];
@@ -879,11 +840,7 @@ fn a_rotated_password_is_used_for_new_connections() {
     let mut last = (0, Value::Null);
     assert!(
         wait_until(Duration::from_secs(5), || {
-            last = f.r(1).admin(
-                "PUT",
-                "/routes/shop/weights",
-                r#"{"blue": 40, "green": 60}"#,
-            );
+            last = f.r(1).put(40, 60);
             last.0 == 200
         }),
         "writes with the new password: {} {}",
@@ -917,11 +874,7 @@ fn rediss_with_a_client_certificate() {
         .sluice
         .status()["cluster"]["store"]
         == "up"));
-    let (code, v) = f.r(0).admin(
-        "PUT",
-        "/routes/shop/weights",
-        r#"{"blue": 0, "green": 100}"#,
-    );
+    let (code, v) = f.r(0).put(0, 100);
     assert_eq!(code, 200, "{v}");
     assert!(wait_until(Duration::from_secs(2), || f.r(1).green() == 100));
     // without the client certificate the server refuses: the store is down for that replica
@@ -932,11 +885,7 @@ fn rediss_with_a_client_certificate() {
         &format!("tls = {{ ca = \"{}\" }}", ca.pem_path.display()),
         "",
     );
-    let (code, v) = bad.r(0).admin(
-        "PUT",
-        "/routes/shop/weights",
-        r#"{"blue": 100, "green": 0}"#,
-    );
+    let (code, v) = bad.r(0).put(100, 0);
     assert_eq!(code, 503, "{v}");
     assert_eq!(bad.r(0).sluice.status()["cluster"]["store"], "down");
 }
@@ -961,11 +910,7 @@ fn redis_cluster_keeps_each_route_in_one_slot() {
         "[rate_limit]\nrequests = 100\nper = \"1m\"\nburst = 100\nscope = \"cluster\"\nsync = \"200ms\"\n",
     );
     f.wait_members();
-    let (code, v) = f.r(0).admin(
-        "PUT",
-        "/routes/shop/weights",
-        r#"{"blue": 0, "green": 100}"#,
-    );
+    let (code, v) = f.r(0).put(0, 100);
     assert_eq!(code, 200, "{v}");
     let put = Instant::now();
     assert!(wait_until(Duration::from_secs(3), || f.r(1).green() == 100));
@@ -1036,11 +981,7 @@ fn approvals_asked_on_one_replica_are_approved_on_another() {
     f.admin_extra = "require_approval = [\"weights\"]\napproval_timeout = \"1m\"".into();
     f.add();
     f.add();
-    let (code, v) = f.r(0).admin(
-        "PUT",
-        "/routes/shop/weights",
-        r#"{"blue": 20, "green": 80}"#,
-    );
+    let (code, v) = f.r(0).put(20, 80);
     assert_eq!(code, 202, "{v}");
     let id = v["pending"]["id"].as_str().expect("id").to_string();
     // the other replica lists it, and the asker cannot approve it there either

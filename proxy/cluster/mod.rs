@@ -300,12 +300,7 @@ impl Fleet {
 
     /// Writes this replica's state of `route` unless the store has a newer one.
     async fn reseed(&self, route: &str) -> Result<(), Unavailable> {
-        let Some((_, rev, rec)) = self
-            .traffic
-            .records()
-            .into_iter()
-            .find(|(n, _, _)| n == route)
-        else {
+        let Some((rev, rec)) = self.traffic.record_of(route) else {
             return Ok(());
         };
         if let Commit::Conflict(Some((r, newer))) =
@@ -344,12 +339,7 @@ impl Fleet {
     /// Records a state this replica changed on its own (the config file's weights, or a
     /// rollback judged while the store was away), on the revision it was built on.
     async fn push(&self, route: &str) -> Result<(), Unavailable> {
-        let Some((_, rev, rec)) = self
-            .traffic
-            .records()
-            .into_iter()
-            .find(|(n, _, _)| n == route)
-        else {
+        let Some((rev, rec)) = self.traffic.record_of(route) else {
             return Ok(());
         };
         match self

@@ -690,6 +690,13 @@ impl Traffic {
         Some(route_json(route, &i))
     }
 
+    /// One route's revision and whole state.
+    pub fn record_of(&self, route: &str) -> Option<(u64, SavedRoute)> {
+        let ctl = self.get(route)?;
+        let i = ctl.lock();
+        Some((i.rev, i.record()))
+    }
+
     /// Every route's revision and whole state (fleet mode re-seeds an empty store with them).
     pub fn records(&self) -> Vec<(String, u64, SavedRoute)> {
         self.map()
