@@ -195,6 +195,33 @@ fn decisions(c: &mut Criterion) {
                 .record(sluice::traffic::Color::Blue, status >= 500);
         })
     });
+    // tracing at sample_ratio 0.01 for a request whose trace is not recorded (99 of 100):
+    // start, one attempt, the upstream traceparent, end. The collector address is never
+    // reached here (nothing is recorded).
+    let tracing = sluice::trace::Tracing::start(
+        &sluice::trace::Config {
+            endpoint: "http://127.0.0.1:9".into(),
+            sample_ratio: 0.0,
+            service_name: "bench".into(),
+        },
+        prometheus::IntCounter::new("d", "d").expect("counter"),
+    )
+    .expect("tracing");
+    let req = pingora::http::RequestHeader::build("GET", b"/", None).expect("request");
+    let backend: std::net::SocketAddr = "10.0.0.1:8080".parse().expect("addr");
+    g.bench_function("tracing: a request not recorded (start, attempt, traceparent, end)", |b| {
+        b.iter(|| {
+            let mut up = req.clone();
+            let mut t = tracing.start_request(black_box(&req));
+            tracing.start_attempt(&mut t, "GET", backend);
+            tracing.inject(&t, &mut up);
+            t.end(Vec::new, 200, None);
+            black_box(up)
+        })
+    });
+    g.bench_function("reference: cloning the upstream request header", |b| {
+        b.iter(|| black_box(req.clone()))
+    });
     g.finish();
 }
 
