@@ -209,16 +209,19 @@ fn decisions(c: &mut Criterion) {
     .expect("tracing");
     let req = pingora::http::RequestHeader::build("GET", b"/", None).expect("request");
     let backend: std::net::SocketAddr = "10.0.0.1:8080".parse().expect("addr");
-    g.bench_function("tracing: a request not recorded (start, attempt, traceparent, end)", |b| {
-        b.iter(|| {
-            let mut up = req.clone();
-            let mut t = tracing.start_request(black_box(&req));
-            tracing.start_attempt(&mut t, "GET", backend);
-            tracing.inject(&t, &mut up);
-            t.end(Vec::new, 200, None);
-            black_box(up)
-        })
-    });
+    g.bench_function(
+        "tracing: a request not recorded (start, attempt, traceparent, end)",
+        |b| {
+            b.iter(|| {
+                let mut up = req.clone();
+                let mut t = tracing.start_request(black_box(&req));
+                tracing.start_attempt(&mut t, "GET", backend);
+                tracing.inject(&t, &mut up);
+                t.end(Vec::new, 200, None);
+                black_box(up)
+            })
+        },
+    );
     g.bench_function("reference: cloning the upstream request header", |b| {
         b.iter(|| black_box(req.clone()))
     });

@@ -251,6 +251,10 @@ fn as_str(v: &HeaderValue) -> &str {
 impl ProxyHttp for Gateway {
     type CTX = Ctx;
 
+    /// No downstream modules: pingora's default adds a response-compression module, disabled,
+    /// whose context is still built for every request. sluice does not compress.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     fn new_ctx(&self) -> Ctx {
         Ctx {
             start: Instant::now(),
