@@ -421,6 +421,8 @@ impl Exchange {
                 // nothing to exchange: the store's state decides the mode
                 ok = self.store.is_up() || self.ping().await;
             }
+            // an exchange with no client to report proves nothing: the store must answer too
+            ok &= self.store.is_up();
             if !counts.is_empty() {
                 self.sync_seconds.observe(started.elapsed().as_secs_f64());
             }

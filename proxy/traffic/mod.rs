@@ -666,7 +666,13 @@ impl Traffic {
     pub fn adopt(&self, route: &str, rev: u64, r: SavedRoute) -> Option<Value> {
         let ctl = self.get(route)?;
         let mut i = ctl.lock();
-        if rev < i.rev || (rev == i.rev && i.record() == r) {
+        if rev < i.rev {
+            return None;
+        }
+        // nothing new once this replica's own limits apply (a route without green pools here)
+        let mut next = i.clone();
+        next.take(rev, r.clone());
+        if next.rev == i.rev && next.record() == i.record() {
             return None;
         }
         if i.weights != r.weights {
