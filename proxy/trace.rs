@@ -44,8 +44,8 @@ pub struct Config {
 }
 
 pub struct Tracing {
+    /// Keeps its provider (and so the span processor) alive.
     tracer: SdkTracer,
-    provider: SdkTracerProvider,
     propagator: TraceContextPropagator,
     /// A new trace is recorded when its random id falls below this (`sample_ratio` of 2^64).
     threshold: u64,
@@ -74,7 +74,6 @@ impl Tracing {
         let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "sluice");
         Ok(Tracing {
             tracer,
-            provider,
             propagator: TraceContextPropagator::new(),
             threshold: (cfg.sample_ratio.clamp(0.0, 1.0) * u64::MAX as f64) as u64,
         })
@@ -162,10 +161,6 @@ impl Tracing {
             }
         }
     }
-
-    pub fn shutdown(&self) {
-        let _ = self.provider.shutdown_with_timeout(Duration::from_secs(2));
-    }
 }
 
 /// The trace of one request: recorded (SDK spans), or only its id, passed on.
@@ -188,11 +183,6 @@ impl RequestTrace {
             RequestTrace::Recorded(r) => r.server.span().span_context().trace_id().to_string(),
             RequestTrace::Light { trace_id } => format!("{trace_id:032x}"),
         }
-    }
-
-    /// Whether the spans are recorded (sampled).
-    pub fn recording(&self) -> bool {
-        matches!(self, RequestTrace::Recorded(_))
     }
 
     /// The attempt's answer.

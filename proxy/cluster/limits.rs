@@ -109,6 +109,8 @@ pub struct FleetCounts {
     exact: bool,
     shared: Arc<SharedState>,
     store: Arc<Store>,
+    /// The GCRA script (its SHA-1 computed once).
+    gcra: Arc<Script>,
 }
 
 /// What every fleet counter reads: whether the last exchange reached the store, how many
@@ -226,7 +228,7 @@ impl FleetCounts {
         mode: Mode,
     ) -> Result<(u64, u64, u64), super::Unavailable> {
         let store = &self.store;
-        let script = Script::new(GCRA);
+        let script = &self.gcra;
         let k = self.key(key);
         let (interval, tau) = (self.interval_us(), self.tau_us());
         let live = self.shared.live.load(Ordering::Relaxed).max(1);
@@ -340,6 +342,7 @@ pub struct Exchange {
     counts: Mutex<Vec<Weak<FleetCounts>>>,
     sync: Mutex<Duration>,
     sync_seconds: prometheus::Histogram,
+    gcra: Arc<Script>,
 }
 
 impl Exchange {
@@ -359,6 +362,7 @@ impl Exchange {
             counts: Mutex::new(Vec::new()),
             sync: Mutex::new(Duration::from_millis(200)),
             sync_seconds,
+            gcra: Arc::new(Script::new(GCRA)),
         }
     }
 
@@ -378,6 +382,7 @@ impl Exchange {
             exact: sync.is_zero(),
             shared: self.shared.clone(),
             store: self.store.clone(),
+            gcra: self.gcra.clone(),
         });
         let mut all = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         all.retain(|w| w.strong_count() > 0);

@@ -19,7 +19,7 @@
 pub mod limits;
 pub mod store;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -123,6 +123,7 @@ pub struct Fleet {
     /// One admin write at a time per replica (the store orders writes across replicas).
     writes: tokio::sync::Mutex<()>,
     cas: Script,
+    sum: Script,
 }
 
 impl Fleet {
@@ -148,6 +149,7 @@ impl Fleet {
             wake: tokio::sync::Notify::new(),
             writes: tokio::sync::Mutex::new(()),
             cas: Script::new(CAS),
+            sum: Script::new(SUM),
         }
     }
 
@@ -316,13 +318,13 @@ impl Fleet {
     async fn follow(&self) -> Result<(), Unavailable> {
         let names = self.traffic.route_names();
         let records = self.fetch_all(&names).await?;
-        let mut have: HashMap<&str, ()> = HashMap::new();
+        let mut have: HashSet<&str> = HashSet::new();
         for (name, rev, rec) in &records {
-            have.insert(name.as_str(), ());
+            have.insert(name.as_str());
             self.traffic.adopt(name, *rev, rec.clone());
         }
         for name in &names {
-            if !have.contains_key(name.as_str()) {
+            if !have.contains(name.as_str()) {
                 // an empty (restarted) store: it gets the newest state a replica holds
                 self.reseed(name).await?;
             }
@@ -573,7 +575,7 @@ impl Fleet {
         let now = crate::traffic::now_ms() / 1000;
         let from = (now.saturating_sub(window.as_secs().max(1)) + 1).max(since_ms / 1000);
         let keys: Vec<String> = (from..=now).map(|s| self.bucket_key(route, s)).collect();
-        let script = Script::new(SUM);
+        let script = &self.sum;
         let t: Vec<u64> = self
             .store
             .run(|mut c| async move {

@@ -327,29 +327,14 @@ impl Store {
         }
     }
 
-    /// Runs `f` on the connection within the command timeout (twice that for scripts that
-    /// touch many keys).
+    /// Runs `f` on the connection within the command timeout.
     pub async fn run<T, F, Fut>(&self, f: F) -> Result<T, Unavailable>
     where
         F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let conn = self.current().await?;
-        match tokio::time::timeout(self.cfg.timeout, f(conn)).await {
-            Ok(Ok(v)) => {
-                self.set_up(true);
-                Ok(v)
-            }
-            Ok(Err(e)) => {
-                self.failed(&e).await;
-                Err(Unavailable(e.to_string()))
-            }
-            Err(_) => {
-                *self.conn.lock().await = None;
-                self.set_up(false);
-                Err(Unavailable("cluster store command timed out".into()))
-            }
-        }
+        self.command(f(conn), true).await
     }
 
     /// Like [`Store::run`], but never waits for a connection to be made (or for another
@@ -365,13 +350,35 @@ impl Store {
             Err(_) => None,
         }
         .ok_or_else(|| Unavailable("no connection to the cluster store".into()))?;
-        match tokio::time::timeout(self.cfg.timeout, f(conn)).await {
-            Ok(Ok(v)) => Ok(v),
+        self.command(f(conn), false).await
+    }
+
+    /// A command's outcome within the timeout. A command that timed out drops the connection
+    /// and counts the store as down, unless it ran on the request path (`background: false`),
+    /// which leaves that to the background tasks rather than wait for the connection's lock.
+    async fn command<T>(
+        &self,
+        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+        background: bool,
+    ) -> Result<T, Unavailable> {
+        match tokio::time::timeout(self.cfg.timeout, fut).await {
+            Ok(Ok(v)) => {
+                if background {
+                    self.set_up(true);
+                }
+                Ok(v)
+            }
             Ok(Err(e)) => {
                 self.failed(&e).await;
                 Err(Unavailable(e.to_string()))
             }
-            Err(_) => Err(Unavailable("cluster store command timed out".into())),
+            Err(_) => {
+                if background {
+                    *self.conn.lock().await = None;
+                    self.set_up(false);
+                }
+                Err(Unavailable("cluster store command timed out".into()))
+            }
         }
     }
 
