@@ -36,20 +36,8 @@ require_approval = ["weights", "shift"]
 approval_timeout = "2s"
 [[listener]]
 listen = "{listen}"
-[[pool]]
-name = "blue"
-backends = ["{}"]
-[[pool]]
-name = "green"
-backends = ["{}"]
-[[route]]
-name = "shop"
-hosts = ["*"]
-blue = ["blue"]
-green = ["green"]
-weights = {{ blue = 100, green = 0 }}
-"#,
-        blue.addr, green.addr
+{shop}"#,
+        shop = shop_pools_and_route(blue.addr, green.addr, (100, 0))
     );
     let s = Sluice::start(dir.path(), &config);
     Setup {

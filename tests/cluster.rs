@@ -108,19 +108,7 @@ timeout = "250ms"
 {cluster_extra}
 [[listener]]
 listen = "{listen}"
-[[pool]]
-name = "blue"
-backends = ["{blue}"]
-[[pool]]
-name = "green"
-backends = ["{green}"]
-[[route]]
-name = "shop"
-hosts = ["*"]
-blue = ["blue"]
-green = ["green"]
-weights = {{ blue = 100, green = 0 }}
-sticky = "none"
+{shop}sticky = "none"
 override_header = "x-sluice-color"
 [route.rollback]
 max_error_rate = 0.05
@@ -130,8 +118,7 @@ min_requests = 30
 "#,
             redis = self.redis_url,
             prefix = self.prefix,
-            blue = self.blue.addr,
-            green = self.green.addr,
+            shop = shop_pools_and_route(self.blue.addr, self.green.addr, (100, 0)),
             extra = self.extra,
             cluster_extra = self.cluster_extra,
             admin_extra = self.admin_extra,
@@ -193,6 +180,15 @@ impl Replica {
             Some(r) => (r.code, serde_json::from_str(&r.body).unwrap_or(Value::Null)),
             None => (0, Value::Null),
         }
+    }
+
+    /// `POST /routes/shop/shift` towards green: (status, JSON).
+    fn shift(&self, step: u8, every: &str) -> (u16, Value) {
+        self.admin(
+            "POST",
+            "/routes/shop/shift",
+            &format!(r#"{{"to": "green", "step": {step}, "every": "{every}"}}"#),
+        )
     }
 
     /// `PUT /routes/shop/weights`: (status, JSON).
@@ -373,11 +369,7 @@ fn one_controller_runs_shifts_and_another_takes_over_when_it_dies() {
     let redis = shared_redis();
     let mut f = Fleet::start(3, &format!("redis://{redis}/0"), &prefix("shift"), "");
     // a short shift started on one replica completes on all
-    let (code, v) = f.r(2).admin(
-        "POST",
-        "/routes/shop/shift",
-        r#"{"to": "green", "step": 50, "every": "500ms"}"#,
-    );
+    let (code, v) = f.r(2).shift(50, "500ms");
     assert_eq!(code, 202, "{v}");
     for (i, r) in f.live() {
         assert!(
@@ -391,11 +383,7 @@ fn one_controller_runs_shifts_and_another_takes_over_when_it_dies() {
     // back to blue, then a longer shift; the controller is killed in the middle of it
     let (code, v) = f.r(0).put(100, 0);
     assert_eq!(code, 200, "{v}");
-    let (code, v) = f.r(0).admin(
-        "POST",
-        "/routes/shop/shift",
-        r#"{"to": "green", "step": 10, "every": "700ms"}"#,
-    );
+    let (code, v) = f.r(0).shift(10, "700ms");
     assert_eq!(code, 202, "{v}");
     assert!(wait_until(Duration::from_secs(5), || f.r(1).green() >= 30));
     let leader = f.r(1).sluice.status()["cluster"]["leader"]
@@ -445,11 +433,7 @@ fn a_green_failing_a_little_on_every_replica_is_rolled_back_fleet_wide() {
         &[],
     );
     assert_eq!(told.map(|(c, _)| c), Some(200));
-    let (code, v) = f.r(0).admin(
-        "POST",
-        "/routes/shop/shift",
-        r#"{"to": "green", "step": 10, "every": "1h"}"#,
-    );
+    let (code, v) = f.r(0).shift(10, "1h");
     assert_eq!(code, 202, "{v}");
     for (i, r) in f.live() {
         assert!(
@@ -930,11 +914,7 @@ fn without_redis_each_replica_still_rolls_back_and_records_it_when_redis_returns
     let mut redis = Redis::start(dir.path());
     let f = Fleet::start(2, &format!("redis://{}/0", redis.addr), "net:", "");
     f.wait_members();
-    let (code, v) = f.r(0).admin(
-        "POST",
-        "/routes/shop/shift",
-        r#"{"to": "green", "step": 10, "every": "1h"}"#,
-    );
+    let (code, v) = f.r(0).shift(10, "1h");
     assert_eq!(code, 202, "{v}");
     assert!(wait_until(Duration::from_secs(2), || f.r(1).green() == 10));
     redis.stop();

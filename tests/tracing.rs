@@ -145,20 +145,8 @@ sample_ratio = {ratio}
 service_name = "sluice-test"
 [[listener]]
 listen = "{listen}"
-[[pool]]
-name = "blue"
-backends = ["{}"]
-[[pool]]
-name = "green"
-backends = ["{}"]
-[[route]]
-name = "shop"
-hosts = ["*"]
-blue = ["blue"]
-green = ["green"]
-weights = {{ blue = 100, green = 0 }}
-"#,
-        blue.addr, green.addr
+{shop}"#,
+        shop = shop_pools_and_route(blue.addr, green.addr, (100, 0))
     );
     (Sluice::start(dir, &config), listen, blue, green)
 }

@@ -304,6 +304,27 @@ pub fn http_request(
     request(addr, method, path, headers).map(|r| (r.code, r.body))
 }
 
+/// Config text: pools `blue` and `green` of one backend each, and route `shop` (every host)
+/// over them at `weights`; keys of `[[route]]` may follow.
+pub fn shop_pools_and_route(blue: SocketAddr, green: SocketAddr, weights: (u8, u8)) -> String {
+    format!(
+        r#"[[pool]]
+name = "blue"
+backends = ["{blue}"]
+[[pool]]
+name = "green"
+backends = ["{green}"]
+[[route]]
+name = "shop"
+hosts = ["*"]
+blue = ["blue"]
+green = ["green"]
+weights = {{ blue = {}, green = {} }}
+"#,
+        weights.0, weights.1
+    )
+}
+
 /// `"a", "b"` for a TOML array of addresses.
 pub fn toml_addrs(addrs: &[SocketAddr]) -> String {
     addrs
