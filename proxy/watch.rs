@@ -177,9 +177,16 @@ impl BackgroundService for Watcher {
                     None => std::future::pending().await,
                 }
             };
+            // events about other files of the same directories (an access log written next
+            // to the config, say) are skipped here, without following the hops again
             let event = async {
                 match watcher.is_some() {
-                    true => rx.recv().await,
+                    true => loop {
+                        match rx.recv().await {
+                            Some(Ok(e)) if !relevant(&e, &names) => continue,
+                            other => break other,
+                        }
+                    },
                     false => std::future::pending().await,
                 }
             };
@@ -190,8 +197,7 @@ impl BackgroundService for Watcher {
                     continue;
                 }
                 ev = event => match ev {
-                    Some(Ok(e)) if relevant(&e, &names) => {}
-                    Some(Ok(_)) => continue,
+                    Some(Ok(_)) => {}
                     Some(Err(e)) => { log::warn!("file watch error: {e}"); continue; }
                     None => { watcher = None; continue; }
                 },
