@@ -756,6 +756,60 @@ fn upstream_connections_are_kept_alive() {
     });
 }
 
+/// One keep-alive GET on `s`: the backend's `x-connection-id`.
+fn upstream_connection_of(s: &mut std::net::TcpStream) -> String {
+    use std::io::Write;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        .expect("write");
+    let (code, head, _) = read_response(s).expect("a response");
+    assert_eq!(code, 200, "{head}");
+    head.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("x-connection-id")
+                .then(|| v.trim().to_string())
+        })
+        .expect("x-connection-id")
+}
+
+#[test]
+fn a_client_connection_keeps_its_upstream_connection_until_it_closes() {
+    let dir = tempdir();
+    let b1 = Backend::start(dir.path(), "b1");
+    let s = gateway(dir.path(), &one_pool(&[b1.addr], ""));
+    let connect = || std::net::TcpStream::connect(s.plain).expect("connect");
+    let (mut a, mut b) = (connect(), connect());
+    // requests taking turns on two client connections: each keeps the upstream connection it
+    // used last (through a shared pool, the second would take the first one's)
+    let mut seen_a = std::collections::HashSet::new();
+    let mut seen_b = std::collections::HashSet::new();
+    for _ in 0..10 {
+        seen_a.insert(upstream_connection_of(&mut a));
+        seen_b.insert(upstream_connection_of(&mut b));
+    }
+    assert_eq!(seen_a.len(), 1, "client a used upstream {seen_a:?}");
+    assert_eq!(seen_b.len(), 1, "client b used upstream {seen_b:?}");
+    assert_ne!(seen_a, seen_b);
+    // when a closes, its upstream connection goes to the shared pool (not closed): the next
+    // client connection gets it, and b keeps its own
+    drop(a);
+    let open = format!("sluice_downstream_connections{{listener=\"{}\"}}", s.plain);
+    assert!(
+        wait_until(std::time::Duration::from_secs(5), || s.sluice.metric(&open)
+            == Some(1.0)),
+        "a's close was not seen"
+    );
+    let mut c = connect();
+    assert_eq!(
+        Some(upstream_connection_of(&mut c)),
+        seen_a.into_iter().next()
+    );
+    assert_eq!(
+        Some(upstream_connection_of(&mut b)),
+        seen_b.into_iter().next()
+    );
+}
+
 #[test]
 fn access_log_to_a_file() {
     let dir = tempdir();
