@@ -773,41 +773,29 @@ fn upstream_connection_of(s: &mut std::net::TcpStream) -> String {
 }
 
 #[test]
-fn a_client_connection_keeps_its_upstream_connection_until_it_closes() {
+fn pooled_upstream_connections_pass_between_client_connections_intact() {
     let dir = tempdir();
     let b1 = Backend::start(dir.path(), "b1");
     let s = gateway(dir.path(), &one_pool(&[b1.addr], ""));
     let connect = || std::net::TcpStream::connect(s.plain).expect("connect");
     let (mut a, mut b) = (connect(), connect());
-    // requests taking turns on two client connections: each keeps the upstream connection it
-    // used last (through a shared pool, the second would take the first one's)
-    let mut seen_a = std::collections::HashSet::new();
-    let mut seen_b = std::collections::HashSet::new();
-    for _ in 0..10 {
-        seen_a.insert(upstream_connection_of(&mut a));
-        seen_b.insert(upstream_connection_of(&mut b));
+    // Two client connections taking turns: each request takes from the shared pool the upstream
+    // connection the other one's request put back, often on the other worker thread. Published
+    // pingora lost such a connection now and then ("failed to acquire reusable stream", a new
+    // upstream connection instead; cloudflare/pingora#998): pingora patch 0002.
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..100 {
+        seen.insert(upstream_connection_of(&mut a));
+        seen.insert(upstream_connection_of(&mut b));
     }
-    assert_eq!(seen_a.len(), 1, "client a used upstream {seen_a:?}");
-    assert_eq!(seen_b.len(), 1, "client b used upstream {seen_b:?}");
-    assert_ne!(seen_a, seen_b);
-    // when a closes, its upstream connection goes to the shared pool (not closed): the next
-    // client connection gets it, and b keeps its own
-    drop(a);
-    let open = format!("sluice_downstream_connections{{listener=\"{}\"}}", s.plain);
+    let log = s.sluice.proc.stderr();
     assert!(
-        wait_until(std::time::Duration::from_secs(5), || s.sluice.metric(&open)
-            == Some(1.0)),
-        "a's close was not seen"
+        !log.contains("failed to acquire reusable stream"),
+        "a pooled connection was lost ({} upstream connections for 200 requests): {log}",
+        seen.len()
     );
-    let mut c = connect();
-    assert_eq!(
-        Some(upstream_connection_of(&mut c)),
-        seen_a.into_iter().next()
-    );
-    assert_eq!(
-        Some(upstream_connection_of(&mut b)),
-        seen_b.into_iter().next()
-    );
+    // one connection in turns, or two when a request came before the other's was back
+    assert!(seen.len() <= 4, "200 requests used upstream {seen:?}");
 }
 
 #[test]

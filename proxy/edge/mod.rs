@@ -587,7 +587,7 @@ impl ServerApp for Edge {
             }
         };
         listener.open.inc();
-        let open = Open(listener.open.clone());
+        let _open = Open(listener.open.clone());
         let stream: Stream = if listener.tls {
             let acceptor =
                 &self.acceptors.as_ref()?.by[usize::from(listener.http2)][usize::from(tls13)];
@@ -611,14 +611,7 @@ impl ServerApp for Edge {
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             return Box::pin(self.serve_h2(stream, accepted, shutdown)).await;
         }
-        // the connection's upstream connections stay with it between its requests (pingora
-        // patch 0002): no pool round trip per request. When it ends they go to the shared
-        // pool, before the connection stops counting as open.
-        let done =
-            pingora::connectors::bound::scope(self.serve_h1(stream, accepted, listener, shutdown))
-                .await;
-        drop(open);
-        done
+        self.serve_h1(stream, accepted, listener, shutdown).await
     }
 
     async fn cleanup(&self) {
