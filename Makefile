@@ -85,7 +85,7 @@ image:
 # The load tools `make bench` compares sluice with (Debian packages).
 bench-deps: deps
 	@missing=""; \
-	for t in nginx:nginx haproxy:haproxy wrk:wrk h2load:nghttp2-client curl:curl taskset:util-linux; do \
+	for t in nginx:nginx haproxy:haproxy wrk:wrk h2load:nghttp2-client curl:curl taskset:util-linux strace:strace gcc:gcc; do \
 	  command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -97,9 +97,19 @@ bench-deps: deps
 
 # Side-by-side load benchmark: sluice, a bare pingora proxy, nginx and HAProxy on this machine
 # (benches/load/run.sh); the table goes to benches/results/. Not part of `make test`.
+# `bare` is the same bare proxy built against pingora as published (benches/load/bare, its own
+# workspace, without our patches); the `profiling` builds with the system allocator count
+# allocations per request (benches/load/alloc_count.c).
+BARE_CARGO := cd benches/load/bare && $(CARGO) build --target-dir ../../../target/bare-pingora
 bench: bench-deps
 	$(CARGO) build --release --bin sluice
-	SLUICE_BIN=target/release/sluice benches/load/run.sh
+	$(CARGO) build --profile profiling --features system-alloc --bin sluice
+	cp target/profiling/sluice target/profiling/sluice-system-alloc
+	$(BARE_CARGO) --release
+	$(BARE_CARGO) --profile profiling --features system-alloc
+	SLUICE_BIN=target/release/sluice BARE_BIN=target/bare-pingora/release/bare-pingora \
+	  SLUICE_COUNT_BIN=target/profiling/sluice-system-alloc \
+	  BARE_COUNT_BIN=target/bare-pingora/profiling/bare-pingora benches/load/run.sh
 
 # Micro-benchmarks (criterion) and the rate limiter's memory with 1,000,000 clients.
 bench-micro: deps
