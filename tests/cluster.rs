@@ -590,9 +590,11 @@ fn cluster_rate_limits_hold_across_replicas_steady_and_in_a_burst() {
         (280..=335).contains(&cluster_steady),
         "cluster scope, steady: {cluster_steady} (bound: 300 + 6 s x 5/s + a few in flight)"
     );
+    // the refill is 5/s for as long as the burst took (about 1 s; longer on a busy machine)
+    let burst_bound = 300 + (5.0 * burst_took.as_secs_f64()).ceil() as usize + 1;
     assert!(
-        (280..=306).contains(&cluster_burst),
-        "cluster scope, burst: {cluster_burst} (bound: 300 + refill during the burst)"
+        (280..=burst_bound).contains(&cluster_burst),
+        "cluster scope, burst: {cluster_burst} (bound: 300 + refill during the burst = {burst_bound})"
     );
 }
 
