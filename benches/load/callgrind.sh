@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Instructions per HTTP/1.1 keep-alive request of a proxy, counted by valgrind's callgrind
+# (repeatable whatever else the machine does, unlike time): the proxy runs under callgrind twice,
+# each time 200 warm-up requests and then N more (h2load --h1 -c 4); instructions per request =
+# (total with N - total with 0) / N. The backend is `sluice demo-backend`.
+#
+#   benches/load/callgrind.sh BIN [N]            sluice (`BIN run`: rate limit, blue-green 50/50,
+#                                                access log to a file, metrics)
+#   CG_PROXY=bare benches/load/callgrind.sh BIN  the bare pingora proxy (`BIN bench bare-proxy`,
+#                                                or BIN itself when it is bare-pingora)
+#
+# BIN should have symbols and no LTO (`cargo build --profile profiling`). The callgrind files
+# stay in CG_OUT (default /tmp/sluice-callgrind) for callgrind_annotate --inclusive=yes.
+set -euo pipefail
+BIN=$(realpath "$1")
+N=${2:-2000}
+OUT=${CG_OUT:-/tmp/sluice-callgrind}
+PROXY=${CG_PROXY:-sluice}
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+mkdir -p "$OUT"
+command -v valgrind >/dev/null || { echo "valgrind missing" >&2; exit 1; }
+command -v h2load >/dev/null || { echo "h2load missing (make bench-deps)" >&2; exit 1; }
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+	for _ in $(seq 1 600); do
+		(exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+		sleep 0.1
+	done
+	echo "nothing listens on $1" >&2
+	return 1
+}
+
+BACKEND=$(free_port)
+"$ROOT/target/release/sluice" demo-backend --listen "127.0.0.1:$BACKEND" --name cg >/dev/null 2>&1 &
+BPID=$!
+trap 'kill $BPID 2>/dev/null || true' EXIT
+wait_port "$BACKEND"
+
+one() { # requests -> total instructions
+	local n=$1 port admin conf pid
+	port=$(free_port)
+	admin=$(free_port)
+	conf="$OUT/sluice-$n.toml"
+	cat >"$conf" <<EOF
+[server]
+threads = 1
+grace_period = "1s"
+drain_delay = "0s"
+access_log = "$OUT/access-$n.log"
+
+[admin]
+listen = "127.0.0.1:$admin"
+
+[rate_limit]
+requests = 1000000000
+per = "1m"
+
+[[listener]]
+listen = "127.0.0.1:$port"
+
+[[pool]]
+name = "blue"
+backends = ["127.0.0.1:$BACKEND"]
+
+[[pool]]
+name = "green"
+backends = ["127.0.0.1:$BACKEND"]
+
+[[route]]
+name = "all"
+hosts = ["*"]
+blue = ["blue"]
+green = ["green"]
+weights = { blue = 50, green = 50 }
+sticky = "none"
+EOF
+	local cmd=("$BIN" run -c "$conf")
+	if [ "$PROXY" = bare ]; then
+		if "$BIN" --help 2>&1 | grep -q '^Usage: bare-pingora'; then
+			cmd=("$BIN" --listen "127.0.0.1:$port" --upstream "127.0.0.1:$BACKEND")
+		else
+			cmd=("$BIN" bench bare-proxy --listen "127.0.0.1:$port" --upstream "127.0.0.1:$BACKEND")
+		fi
+	fi
+	RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$OUT/$PROXY-$n.out" "${cmd[@]}" \
+		>"$OUT/$PROXY-$n.log" 2>&1 &
+	pid=$!
+	wait_port "$port"
+	h2load --h1 -c 4 -n 200 "http://127.0.0.1:$port/" >/dev/null
+	if [ "$n" -gt 0 ]; then
+		h2load --h1 -c 4 -n "$n" "http://127.0.0.1:$port/" | grep -q "succeeded, 0 failed" ||
+			{ echo "requests failed" >&2; kill "$pid"; exit 1; }
+	fi
+	kill -TERM "$pid"
+	wait "$pid" || true
+	awk '/^summary:|^totals:/ {print $2; exit}' "$OUT/$PROXY-$n.out"
+}
+
+base=$(one 0)
+full=$(one "$N")
+echo "$PROXY: $(( (full - base) / N )) instructions per request (totals $base with 0, $full with $N)"
+echo "profile: callgrind_annotate --inclusive=yes $OUT/$PROXY-$N.out"
