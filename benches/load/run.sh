@@ -452,11 +452,15 @@ run_syscalls() { # proxy
 	taskset -c $LOAD_CPU h2load --h1 -t1 -c$CONNS -n "$COST_N" "http://127.0.0.1:${PLAIN[$1]}/" >"$out" 2>&1 || true
 	kill -INT "$st"
 	wait "$st" || true
-	grep -q "^requests: $COST_N total, $COST_N started, $COST_N done, $COST_N succeeded" "$out" ||
-		die "$1: not every request of the syscall count succeeded: $(grep '^requests:' "$out")"
+	all_succeeded "$out" "$1, system calls"
 	awk -v p="$1" -v n="$COST_N" '$NF != "total" && $4 ~ /^[0-9]+$/ {
 		failed = (NF == 6) ? $5 : 0
 		printf "sys\t%s\t%s\t%.3f\t%.3f\n", p, $NF, $4 / n, failed / n }' "$f" >>"$WORK/costs.tsv"
+}
+
+all_succeeded() { # h2load output, what -> dies unless all BENCH_COST_REQUESTS succeeded
+	grep -q "^requests: $COST_N total, $COST_N started, $COST_N done, $COST_N succeeded" "$1" ||
+		die "$2: not every request succeeded: $(grep '^requests:' "$1")"
 }
 
 # Allocations per request: a second instance of the proxy, built with the system allocator,
@@ -478,8 +482,7 @@ run_allocs() { # proxy command...
 	after=$(count_value "$counter")
 	kill "$pid" 2>/dev/null || true
 	wait "$pid" 2>/dev/null || true
-	grep -q "^requests: $COST_N total, $COST_N started, $COST_N done, $COST_N succeeded" "$out" ||
-		die "$name: not every request of the allocation count succeeded: $(grep '^requests:' "$out")"
+	all_succeeded "$out" "$name, allocations"
 	[ "$before" -gt 0 ] || die "$name: the allocation counter did not count (is it built with the system allocator?)"
 	printf 'alloc\t%s\t%s\n' "$name" "$(awk -v a="$after" -v b="$before" -v n="$COST_N" 'BEGIN {printf "%.2f", (a - b) / n}')" >>"$WORK/costs.tsv"
 }
@@ -534,14 +537,11 @@ median() { sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)
 col() { # scenario proxy column -> values, one per round
 	awk -F'\t' -v s="$1" -v p="$2" -v c="$3" '$1 == s && $2 == p {print $c}' "$RAW"
 }
-ratio() { # scenario proxy -> median over rounds of rps / nginx's rps in the same round
-	awk -F'\t' -v s="$1" -v p="$2" '$1 == s && $2 == "nginx" {n[$3] = $4} $1 == s && $2 == p {v[$3] = $4}
+vs() { # scenario proxy reference [column, default 4: req/s] -> median of per-round ratios
+	awk -F'\t' -v s="$1" -v p="$2" -v q="$3" -v c="${4:-4}" '$1 == s && $2 == q {n[$3] = $c} $1 == s && $2 == p {v[$3] = $c}
 		END { for (r in v) if (n[r] > 0) printf "%.3f\n", v[r] / n[r] }' "$RAW" | median
 }
-vs() { # scenario proxy reference -> median of per-round ratios
-	awk -F'\t' -v s="$1" -v p="$2" -v q="$3" '$1 == s && $2 == q {n[$3] = $4} $1 == s && $2 == p {v[$3] = $4}
-		END { for (r in v) if (n[r] > 0) printf "%.3f\n", v[r] / n[r] }' "$RAW" | median
-}
+ratio() { vs "$1" "$2" nginx; } # scenario proxy -> median of per-round req/s / nginx's
 errors() { col "$1" "$2" 7 | awk '{ s += $1 } END { print s + 0 }'; }
 
 mkdir -p "$OUT"
@@ -596,8 +596,7 @@ cpu=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
 	for p in "${PROXIES[@]}"; do
 		printf '| %s | %.0f | %s | %s | %s | %s |\n' "$p" "$(col fixed "$p" 4 | median)" \
 			"$(col fixed "$p" 5 | median)" "$(col fixed "$p" 6 | median)" "$(errors fixed "$p")" \
-			"$(awk -F'\t' -v p="$p" '$1 == "fixed" && $2 == "nginx" {n[$3] = $6} $1 == "fixed" && $2 == p {v[$3] = $6}
-				END { for (r in v) if (n[r] > 0) printf "%.3f\n", v[r] / n[r] }' "$RAW" | median)"
+			"$(vs fixed "$p" nginx 6)"
 	done
 	echo
 	echo "## 3. New TLS 1.3 connections (full handshake, one request, close; 32 in flight)"
@@ -697,8 +696,7 @@ cpu=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
 		target "TLS 1.3 + h2: sluice (all on) / nginx" "$(ratio h2tls sluice)" ">=" 1.0 "$(errs h2tls sluice nginx)"
 	fi
 	if wants fixed; then
-		target "p99 at $RATE req/s: sluice / nginx" "$(awk -F'\t' '$1 == "fixed" && $2 == "nginx" {n[$3] = $6} $1 == "fixed" && $2 == "sluice" {v[$3] = $6}
-			END { for (r in v) if (n[r] > 0) printf "%.3f\n", v[r] / n[r] }' "$RAW" | median)" "<=" 1.5 "$(errs fixed sluice nginx)"
+		target "p99 at $RATE req/s: sluice / nginx" "$(vs fixed sluice nginx 6)" "<=" 1.5 "$(errs fixed sluice nginx)"
 	fi
 	if wants handshake; then
 		# no regression: 1.49x nginx on 2026-12-01, less the machine's 10 % noise between runs
