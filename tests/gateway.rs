@@ -763,13 +763,9 @@ fn upstream_connection_of(s: &mut std::net::TcpStream) -> String {
         .expect("write");
     let (code, head, _) = read_response(s).expect("a response");
     assert_eq!(code, 200, "{head}");
-    head.lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("x-connection-id")
-                .then(|| v.trim().to_string())
-        })
+    head_header(&head, "x-connection-id")
         .expect("x-connection-id")
+        .to_string()
 }
 
 #[test]

@@ -65,13 +65,8 @@ fn serve(mut c: std::net::TcpStream, spans: &Mutex<Vec<Span>>, names: &Mutex<Vec
             }
         };
         let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-        let len: usize = head
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case("content-length")
-                    .then(|| v.trim().parse().ok())?
-            })
+        let len: usize = head_header(&head, "content-length")
+            .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         while buf.len() < head_end + len {
             match c.read(&mut chunk) {

@@ -555,6 +555,14 @@ pub fn complete_request(b: &[u8]) -> Option<usize> {
     (b.len() >= end + len).then_some(end + len)
 }
 
+/// The value of header `name` (any case) in an HTTP/1.x head, trimmed.
+pub fn head_header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
 /// One HTTP/1.1 response read from `s`: (status, head, body); `None` when the connection
 /// closed (or timed out) before a whole response arrived.
 pub fn read_response(s: &mut TcpStream) -> Option<(u16, String, Vec<u8>)> {
@@ -572,13 +580,8 @@ pub fn read_response(s: &mut TcpStream) -> Option<(u16, String, Vec<u8>)> {
     };
     let head = String::from_utf8_lossy(&got[..end]).to_string();
     let code = head.split(' ').nth(1)?.parse().ok()?;
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())?
-        })
+    let len: usize = head_header(&head, "content-length")
+        .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     while got.len() < end + len {
         match s.read(&mut buf) {
