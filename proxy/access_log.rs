@@ -9,19 +9,174 @@
 //! (logrotate renamed or removed it). Lines are written in whole batches to one file or the
 //! other, so none is lost or written twice across a rotation.
 
+use std::cell::RefCell;
 use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::IntCounter;
 
 use crate::config::AccessLog;
+use crate::text::{push_ip, push_json_opt, push_json_str, push_socket_addr, push_u64};
 
 /// The writer is woken early once this much is waiting.
 const WAKE_AT: usize = 64 * 1024;
 /// Beyond this much waiting (the disk is stuck), new lines are dropped.
 const MAX_PENDING: usize = 16 * 1024 * 1024;
 const INTERVAL: Duration = Duration::from_millis(50);
+
+/// One request's access log line: a JSON object, its fields in this order. `color`, `region`,
+/// `failed_backends` and `trace_id` are left out when empty; other absent values are `null`.
+pub struct Line<'a> {
+    pub time: SystemTime,
+    pub client: Option<IpAddr>,
+    pub method: &'a str,
+    pub host: &'a str,
+    pub path: &'a str,
+    pub protocol: &'a str,
+    pub tls: bool,
+    pub status: u16,
+    pub bytes: usize,
+    /// Written as milliseconds with three decimals (microsecond resolution).
+    pub duration: Duration,
+    pub route: Option<&'a str>,
+    pub color: Option<&'a str>,
+    pub pool: Option<&'a str>,
+    pub region: Option<&'a str>,
+    pub backend: Option<SocketAddr>,
+    pub retries: u8,
+    /// Backends this request tried and failed on before the answer.
+    pub failed_backends: Vec<SocketAddr>,
+    pub request_id: &'a str,
+    pub trace_id: Option<String>,
+    pub error: Option<&'a str>,
+}
+
+impl Line<'_> {
+    /// Appends the line, without its newline.
+    pub fn write_json(&self, o: &mut Vec<u8>) {
+        o.extend_from_slice(b"{\"time\":\"");
+        push_time(o, self.time);
+        o.extend_from_slice(b"\",\"client\":");
+        match self.client {
+            Some(ip) => {
+                o.push(b'"');
+                push_ip(o, ip);
+                o.push(b'"');
+            }
+            None => o.extend_from_slice(b"null"),
+        }
+        o.extend_from_slice(b",\"method\":");
+        push_json_str(o, self.method);
+        o.extend_from_slice(b",\"host\":");
+        push_json_str(o, self.host);
+        o.extend_from_slice(b",\"path\":");
+        push_json_str(o, self.path);
+        o.extend_from_slice(b",\"protocol\":");
+        push_json_str(o, self.protocol);
+        o.extend_from_slice(if self.tls {
+            b",\"tls\":true,\"status\":"
+        } else {
+            b",\"tls\":false,\"status\":"
+        });
+        push_u64(o, u64::from(self.status));
+        o.extend_from_slice(b",\"bytes\":");
+        push_u64(o, self.bytes as u64);
+        o.extend_from_slice(b",\"duration_ms\":");
+        let us = u64::try_from(self.duration.as_micros()).unwrap_or(u64::MAX);
+        push_u64(o, us / 1000);
+        let frac = us % 1000;
+        o.extend_from_slice(&[
+            b'.',
+            b'0' + (frac / 100) as u8,
+            b'0' + (frac / 10 % 10) as u8,
+            b'0' + (frac % 10) as u8,
+        ]);
+        o.extend_from_slice(b",\"route\":");
+        push_json_opt(o, self.route);
+        if let Some(c) = self.color {
+            o.extend_from_slice(b",\"color\":");
+            push_json_str(o, c);
+        }
+        o.extend_from_slice(b",\"pool\":");
+        push_json_opt(o, self.pool);
+        if let Some(r) = self.region {
+            o.extend_from_slice(b",\"region\":");
+            push_json_str(o, r);
+        }
+        o.extend_from_slice(b",\"backend\":");
+        match self.backend {
+            Some(a) => {
+                o.push(b'"');
+                push_socket_addr(o, a);
+                o.push(b'"');
+            }
+            None => o.extend_from_slice(b"null"),
+        }
+        o.extend_from_slice(b",\"retries\":");
+        push_u64(o, u64::from(self.retries));
+        if !self.failed_backends.is_empty() {
+            o.extend_from_slice(b",\"failed_backends\":[");
+            for (i, a) in self.failed_backends.iter().enumerate() {
+                if i > 0 {
+                    o.push(b',');
+                }
+                o.push(b'"');
+                push_socket_addr(o, *a);
+                o.push(b'"');
+            }
+            o.push(b']');
+        }
+        o.extend_from_slice(b",\"request_id\":");
+        push_json_str(o, self.request_id);
+        if let Some(t) = &self.trace_id {
+            o.extend_from_slice(b",\"trace_id\":");
+            push_json_str(o, t);
+        }
+        o.extend_from_slice(b",\"error\":");
+        push_json_opt(o, self.error);
+        o.push(b'}');
+    }
+}
+
+/// Appends `t` as RFC 3339 UTC with milliseconds (`2026-12-02T14:33:34.123Z`, as
+/// `humantime::format_rfc3339_millis`). The date and time of day are formatted once per second
+/// per thread.
+fn push_time(o: &mut Vec<u8>, t: SystemTime) {
+    thread_local! {
+        static SECOND: RefCell<(u64, [u8; 19])> = const { RefCell::new((u64::MAX, [0; 19])) };
+    }
+    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let cached = SECOND.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs {
+            let whole = UNIX_EPOCH + Duration::from_secs(secs);
+            let text = humantime::format_rfc3339_seconds(whole).to_string();
+            let Some(head) = text.as_bytes().get(..19) else {
+                return false;
+            };
+            c.1.copy_from_slice(head);
+            c.0 = secs;
+        }
+        o.extend_from_slice(&c.1);
+        true
+    });
+    if !cached {
+        // not a four-digit year: no cache, humantime's own text
+        let _ = write!(o, "{}", humantime::format_rfc3339_millis(t));
+        return;
+    }
+    let ms = since.subsec_millis();
+    o.extend_from_slice(&[
+        b'.',
+        b'0' + (ms / 100) as u8,
+        b'0' + (ms / 10 % 10) as u8,
+        b'0' + (ms % 10) as u8,
+        b'Z',
+    ]);
+}
 
 #[derive(Default)]
 struct Pending {
@@ -83,6 +238,22 @@ impl AccessLogger {
 
     pub fn enabled(&self) -> bool {
         self.inner.is_some()
+    }
+
+    /// Formats `line` (in a buffer kept by this thread) and queues it.
+    pub fn log_line(&self, line: &Line<'_>) {
+        if self.inner.is_none() {
+            return;
+        }
+        thread_local! {
+            static BUF: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(512));
+        }
+        BUF.with(|b| {
+            let mut b = b.borrow_mut();
+            b.clear();
+            line.write_json(&mut b);
+            self.log(&b);
+        });
     }
 
     /// Queues one line (without its newline).
@@ -258,6 +429,103 @@ fn writer(inner: &Inner, mut out: Out) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn access_lines_are_json_with_every_field() {
+        let path = "/a \"quoted\" \\ path\u{1}\n é";
+        let mut line = Line {
+            time: UNIX_EPOCH + Duration::from_millis(1_764_686_014_007),
+            client: Some("192.0.2.7".parse().expect("ip")),
+            method: "GET",
+            host: "example.com",
+            path,
+            protocol: "HTTP/1.1",
+            tls: true,
+            status: 200,
+            bytes: 1234,
+            duration: Duration::from_micros(12_345_678),
+            route: Some("web"),
+            color: Some("green"),
+            pool: Some("web-green"),
+            region: None,
+            backend: Some("[2001:db8::1]:8080".parse().expect("addr")),
+            retries: 1,
+            failed_backends: vec!["10.0.0.1:80".parse().expect("addr")],
+            request_id: "abc",
+            trace_id: None,
+            error: None,
+        };
+        let json = |l: &Line<'_>| {
+            let mut o = Vec::new();
+            l.write_json(&mut o);
+            serde_json::from_slice::<serde_json::Value>(&o).expect("valid JSON")
+        };
+        let v = json(&line);
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "time": "2025-12-02T14:33:34.007Z",
+                "client": "192.0.2.7",
+                "method": "GET",
+                "host": "example.com",
+                "path": path,
+                "protocol": "HTTP/1.1",
+                "tls": true,
+                "status": 200,
+                "bytes": 1234,
+                "duration_ms": 12345.678,
+                "route": "web",
+                "color": "green",
+                "pool": "web-green",
+                "backend": "[2001:db8::1]:8080",
+                "retries": 1,
+                "failed_backends": ["10.0.0.1:80"],
+                "request_id": "abc",
+                "error": null,
+            })
+        );
+        line.client = None;
+        line.color = None;
+        line.route = None;
+        line.pool = None;
+        line.backend = None;
+        line.region = Some("eu");
+        line.failed_backends.clear();
+        line.trace_id = Some("4bf92f3577b34da6a3ce929d0e0e4736".into());
+        line.error = Some("ConnectRefused");
+        line.duration = Duration::from_micros(5);
+        let v = json(&line);
+        assert!(v["client"].is_null() && v["route"].is_null() && v["pool"].is_null());
+        assert!(v["backend"].is_null() && v.get("color").is_none());
+        assert!(v.get("failed_backends").is_none());
+        assert_eq!(v["region"], "eu");
+        assert_eq!(v["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(v["error"], "ConnectRefused");
+        assert_eq!(v["duration_ms"], 0.005);
+    }
+
+    #[test]
+    fn times_read_as_humantime_writes_them() {
+        let mut o = Vec::new();
+        // within a second, across seconds, and back: the per-second cache must follow
+        for ms in [
+            0u64,
+            999,
+            1_000,
+            1_764_686_014_007,
+            1_764_686_014_999,
+            1_764_686_015_000,
+            5,
+        ] {
+            let t = UNIX_EPOCH + Duration::from_millis(ms) + Duration::from_nanos(999_999);
+            o.clear();
+            push_time(&mut o, t);
+            assert_eq!(
+                String::from_utf8_lossy(&o),
+                humantime::format_rfc3339_millis(t).to_string()
+            );
+        }
+    }
 
     #[test]
     fn lines_are_written_in_order_and_flush_waits_for_them() {

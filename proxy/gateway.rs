@@ -7,14 +7,14 @@ use std::time::{Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
-use serde::Serialize;
 
+use crate::access_log;
 use crate::client_ip;
 use crate::geo;
 use crate::metrics::code_class;
@@ -22,6 +22,10 @@ use crate::router::Host;
 use crate::snapshot::{ColorRt, NoBackend, PoolRt, RouteRt, Snapshot};
 use crate::state::{InflightGuard, Shared};
 use crate::traffic::{sticky, Color};
+
+// looked up by a prebuilt name: a `&str` is parsed into one on every lookup
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// The request path for every listener; each request finds its listener from the connection.
 pub struct Gateway {
@@ -192,7 +196,7 @@ fn choose_color(
 /// A request id the client sent is kept if it is a sane token; otherwise a new one is made
 /// (128 random bits in hex, written without `format!`).
 fn request_id(req: &RequestHeader) -> HeaderValue {
-    if let Some(v) = req.headers.get("x-request-id") {
+    if let Some(v) = req.headers.get(&X_REQUEST_ID) {
         let b = v.as_bytes();
         if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic()) {
             return v.clone();
@@ -332,7 +336,7 @@ impl ProxyHttp for Gateway {
             let xff = session
                 .req_header()
                 .headers
-                .get_all("x-forwarded-for")
+                .get_all(&X_FORWARDED_FOR)
                 .iter()
                 .filter_map(|v| v.to_str().ok());
             client_ip::resolve(peer, xff, &snap.trusted_proxies)
@@ -555,14 +559,18 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         if let Some(ip) = Self::client_ip(session) {
-            let xff = match upstream
+            let prev = upstream
                 .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-            {
-                Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-                _ => ip.to_string(),
-            };
+                .get(&X_FORWARDED_FOR)
+                .filter(|v| v.to_str().is_ok_and(|p| !p.trim().is_empty()));
+            let mut xff = Vec::with_capacity(prev.map_or(0, |p| p.len() + 2) + 39);
+            if let Some(prev) = prev {
+                xff.extend_from_slice(prev.as_bytes());
+                xff.extend_from_slice(b", ");
+            }
+            crate::text::push_ip(&mut xff, ip);
+            let xff = HeaderValue::from_maybe_shared(Bytes::from(xff))
+                .explain_err(ErrorType::InvalidHTTPHeader, |_| "x-forwarded-for")?;
             upstream.insert_header("x-forwarded-for", xff)?;
         }
         upstream.insert_header(
@@ -606,7 +614,7 @@ impl ProxyHttp for Gateway {
         if let Some(cookie) = ctx.set_cookie.take() {
             resp.append_header("set-cookie", cookie)?;
         }
-        if resp.headers.get("x-request-id").is_none() {
+        if resp.headers.get(&X_REQUEST_ID).is_none() {
             resp.insert_header("x-request-id", ctx.request_id.clone())?;
         }
         Ok(())
@@ -738,8 +746,8 @@ impl ProxyHttp for Gateway {
             return;
         }
         let req = session.req_header();
-        let line = AccessLine {
-            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        let line = access_log::Line {
+            time: SystemTime::now(),
             client: ctx.client_ip,
             method: req.method.as_str(),
             host: ctx.host.as_str(),
@@ -752,7 +760,7 @@ impl ProxyHttp for Gateway {
             tls: ctx.tls,
             status,
             bytes: session.body_bytes_sent(),
-            duration_ms: elapsed.as_secs_f64() * 1000.0,
+            duration: elapsed,
             route: route.map(|r| r.name.as_str()),
             color: ctx.colored.then(|| ctx.color.name()),
             pool: pool.map(|p| p.name.as_str()),
@@ -771,40 +779,8 @@ impl ProxyHttp for Gateway {
             trace_id,
             error: e.map(|e| e.etype().as_str()),
         };
-        match serde_json::to_vec(&line) {
-            Ok(s) => self.shared.access_log.log(&s),
-            Err(err) => log::error!("cannot format access log line: {err}"),
-        }
+        self.shared.access_log.log_line(&line);
     }
-}
-
-#[derive(Serialize)]
-struct AccessLine<'a> {
-    time: String,
-    client: Option<IpAddr>,
-    method: &'a str,
-    host: &'a str,
-    path: &'a str,
-    protocol: &'a str,
-    tls: bool,
-    status: u16,
-    bytes: usize,
-    duration_ms: f64,
-    route: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    color: Option<&'a str>,
-    pool: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    region: Option<&'a str>,
-    backend: Option<std::net::SocketAddr>,
-    retries: u8,
-    /// Backends this request tried and failed on before the answer.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    failed_backends: Vec<std::net::SocketAddr>,
-    request_id: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    trace_id: Option<String>,
-    error: Option<&'a str>,
 }
 
 #[cfg(test)]

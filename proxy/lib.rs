@@ -23,6 +23,7 @@ pub mod router;
 pub mod server;
 pub mod snapshot;
 pub mod state;
+pub mod text;
 pub mod tls;
 pub mod trace;
 pub mod traffic;

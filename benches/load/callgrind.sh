@@ -77,7 +77,7 @@ sticky = "none"
 EOF
 	local cmd=("$BIN" run -c "$conf")
 	if [ "$PROXY" = bare ]; then
-		if "$BIN" --help 2>&1 | grep -q '^Usage: bare-pingora'; then
+		if "$BIN" --help 2>&1 | grep -q -- '--upstream'; then
 			cmd=("$BIN" --listen "127.0.0.1:$port" --upstream "127.0.0.1:$BACKEND")
 		else
 			cmd=("$BIN" bench bare-proxy --listen "127.0.0.1:$port" --upstream "127.0.0.1:$BACKEND")
