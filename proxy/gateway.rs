@@ -254,13 +254,42 @@ fn forget_header_case(req: &mut RequestHeader) {
         .path_and_query()
         .is_some_and(|p| p.as_str().as_bytes() == old.raw_path());
     let raw = (!from_uri).then(|| old.raw_path().to_vec());
-    *req = RequestHeader::from(http::request::Parts::from(old));
+    let mut parts = http::request::Parts::from(old);
+    // room for the headers added on the way upstream: growing the map rehashes it
+    parts.headers.reserve(ADDED_HEADERS);
+    *req = RequestHeader::from(parts);
     if let Some(raw) = raw {
         if let Err(e) = req.set_raw_path(&raw) {
             log::debug!("request target not kept verbatim: {e}");
         }
     }
 }
+
+/// As [`forget_header_case`], for a backend's response on its way to the client. A reason
+/// phrase other than the status code's own is kept.
+fn forget_response_header_case(resp: &mut ResponseHeader) {
+    if !resp.has_case() {
+        return;
+    }
+    let empty = ResponseHeader::from(http::Response::new(()).into_parts().0);
+    let old = std::mem::replace(resp, empty);
+    let reason = old
+        .get_reason_phrase()
+        .filter(|r| Some(*r) != old.status.canonical_reason())
+        .map(str::to_string);
+    let mut parts = http::response::Parts::from(old);
+    parts.headers.reserve(ADDED_HEADERS);
+    *resp = ResponseHeader::from(parts);
+    if reason.is_some() {
+        if let Err(e) = resp.set_reason_phrase(reason.as_deref()) {
+            log::debug!("reason phrase not kept: {e}");
+        }
+    }
+}
+
+/// Headers sluice may add to a request (`X-Forwarded-*`, `X-Request-Id`, `Host`, trace
+/// context) or a response (`X-Request-Id`, HSTS, region, cookie).
+const ADDED_HEADERS: usize = 6;
 
 fn trim(mut v: &[u8]) -> &[u8] {
     while let [b' ' | b'\t', rest @ ..] = v {
@@ -564,6 +593,7 @@ impl ProxyHttp for Gateway {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        forget_response_header_case(resp);
         if let Some(rt) = ctx.trace.as_ref() {
             rt.attempt_status(resp.status.as_u16());
         }

@@ -8,16 +8,23 @@ use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
 /// Appends `n` in decimal.
-pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+pub fn push_u64(out: &mut Vec<u8>, n: u64) {
+    // most numbers here are octets, ports, statuses and small sizes
+    if n < 10 {
+        out.push(b'0' + n as u8);
+        return;
+    }
+    if n < 100 {
+        out.extend_from_slice(&[b'0' + (n / 10) as u8, b'0' + (n % 10) as u8]);
+        return;
+    }
     let mut buf = [0u8; 20];
     let mut i = buf.len();
-    loop {
+    let mut n = n;
+    while n > 0 {
         i -= 1;
         buf[i] = b'0' + (n % 10) as u8;
         n /= 10;
-        if n == 0 {
-            break;
-        }
     }
     out.extend_from_slice(&buf[i..]);
 }
@@ -50,32 +57,49 @@ pub fn push_socket_addr(out: &mut Vec<u8>, addr: SocketAddr) {
     }
 }
 
+/// What a byte becomes in a JSON string: 0 itself, `u` a `\u00XX` escape, else `\` and this.
+const JSON_ESCAPE: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut c = 0;
+    while c < 0x20 {
+        t[c] = b'u';
+        c += 1;
+    }
+    t[b'\n' as usize] = b'n';
+    t[b'\r' as usize] = b'r';
+    t[b'\t' as usize] = b't';
+    t[0x08] = b'b';
+    t[0x0c] = b'f';
+    t[b'"' as usize] = b'"';
+    t[b'\\' as usize] = b'\\';
+    t
+};
+
 /// Appends `s` as a JSON string, quotes included, escaped as `serde_json` escapes it: `"`, `\`
 /// and control characters below 0x20; everything else (UTF-8 included) as it is.
 pub fn push_json_str(out: &mut Vec<u8>, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.push(b'"');
     let b = s.as_bytes();
+    out.reserve(b.len() + 2);
+    out.push(b'"');
     let mut start = 0;
     for (i, &c) in b.iter().enumerate() {
-        let esc: &[u8] = match c {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0x08 => b"\\b",
-            0x0c => b"\\f",
-            0..=0x1f => &[],
-            _ => continue,
-        };
+        let esc = JSON_ESCAPE[usize::from(c)];
+        if esc == 0 {
+            continue;
+        }
         out.extend_from_slice(&b[start..i]);
-        if esc.is_empty() {
-            out.extend_from_slice(b"\\u00");
-            out.push(HEX[usize::from(c >> 4)]);
-            out.push(HEX[usize::from(c & 0xf)]);
+        if esc == b'u' {
+            out.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[usize::from(c >> 4)],
+                HEX[usize::from(c & 0xf)],
+            ]);
         } else {
-            out.extend_from_slice(esc);
+            out.extend_from_slice(&[b'\\', esc]);
         }
         start = i + 1;
     }

@@ -53,8 +53,32 @@ pub fn leading_empty_lines(buf: &[u8]) -> usize {
     n
 }
 
+/// A 256-entry table: alphanumerics and `extra`. Every byte of a head is looked up in one of
+/// these (a `contains` on the list of specials per byte cost ~40% of `check`).
+const fn byte_class(extra: &[u8]) -> [bool; 256] {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = (b as u8).is_ascii_alphanumeric();
+        b += 1;
+    }
+    let mut i = 0;
+    while i < extra.len() {
+        t[extra[i] as usize] = true;
+        i += 1;
+    }
+    t
+}
+
+const TCHAR: [bool; 256] = byte_class(b"!#$%&'*+-.^_`|~");
+/// A reg-name or IPv4 address byte: unreserved, pct-encoded, sub-delims.
+const HOST_BYTE: [bool; 256] = byte_class(b"-._~%!$&'()*+,;=");
+/// Visible ASCII except `#` (a fragment is never sent) and the characters RFC 3986 leaves out
+/// that pingora's parser would percent-encode on the way (a rewrite).
+const TARGET_BYTE: [bool; 256] = byte_class(b"!$%&'()*+,-./:;=?@[]_~");
+
 fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    TCHAR[usize::from(b)]
 }
 
 /// A field value byte: visible ASCII, SP, HTAB, or obs-text.
@@ -62,10 +86,9 @@ fn is_value_byte(b: u8) -> bool {
     b == b'\t' || (0x20..=0x7e).contains(&b) || b >= 0x80
 }
 
-/// A request-target byte: visible ASCII except `#` (a fragment is never sent) and the characters
-/// RFC 3986 leaves out that pingora's parser would percent-encode on the way (a rewrite).
+/// A request-target byte ([`TARGET_BYTE`]).
 fn is_target_byte(b: u8) -> bool {
-    (0x21..=0x7e).contains(&b) && !b"#\"<>\\^`{|}".contains(&b)
+    TARGET_BYTE[usize::from(b)]
 }
 
 fn trim_ows(mut v: &[u8]) -> &[u8] {
@@ -104,9 +127,7 @@ fn valid_authority(a: &[u8]) -> bool {
             None => (a, None),
         }
     };
-    let host_ok = host
-        .iter()
-        .all(|b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(b));
+    let host_ok = host.iter().all(|b| HOST_BYTE[usize::from(*b)]);
     let port_ok = port.is_none_or(|p| p.len() <= 5 && p.iter().all(u8::is_ascii_digit));
     host_ok && port_ok
 }
@@ -312,6 +333,18 @@ pub fn check(head: &[u8]) -> Result<Head, Reject> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_tables_are_the_grammar() {
+        for b in 0..=255u8 {
+            let tchar = b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+            let target = (0x21..=0x7e).contains(&b) && !b"#\"<>\\^`{|}".contains(&b);
+            let host = b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b);
+            assert_eq!(is_tchar(b), tchar, "tchar {b}");
+            assert_eq!(is_target_byte(b), target, "target {b}");
+            assert_eq!(HOST_BYTE[usize::from(b)], host, "host {b}");
+        }
+    }
 
     #[test]
     fn head_ends() {
