@@ -239,9 +239,9 @@ fn strip_h2c_upgrade(req: &mut RequestHeader) {
 
 /// Forgets the case the client wrote header names in: they go upstream lower-case (a few
 /// common ones, `Host` among them, title-cased by pingora), as HAProxy and Envoy send them.
-/// HTTP header names are case-insensitive (RFC 9110 section 5.1). Keeping the case costs a second header map
-/// that pingora clones for the upstream request and updates on every header added or removed:
-/// about a tenth of sluice's instructions per request.
+/// HTTP header names are case-insensitive (RFC 9110 section 5.1). Keeping the case costs a
+/// second header map that pingora clones for the upstream request and updates on every header
+/// added or removed: 3 % of sluice's instructions per request (callgrind).
 fn forget_header_case(req: &mut RequestHeader) {
     if !req.has_case() {
         return;
@@ -870,6 +870,24 @@ mod tests {
             );
             assert_eq!(req.raw_path(), target);
             assert_eq!(req.method, http::Method::GET);
+        }
+    }
+
+    #[test]
+    fn response_header_case_is_forgotten_and_the_reason_kept() {
+        for (reason, kept) in [(None, "OK"), (Some("Fine Thanks"), "Fine Thanks")] {
+            let mut resp = ResponseHeader::build(200, None).expect("resp");
+            resp.set_reason_phrase(reason).expect("reason");
+            resp.append_header("X-Backend-Thing", "1").expect("hdr");
+            resp.append_header("Content-Length", "0").expect("hdr");
+            assert!(resp.has_case());
+            forget_response_header_case(&mut resp);
+            assert!(!resp.has_case());
+            assert_eq!(resp.get_reason_phrase(), Some(kept));
+            assert_eq!(resp.status, 200);
+            let mut b = bytes::BytesMut::new();
+            resp.header_to_h1_wire(&mut b);
+            assert_eq!(&b[..], b"x-backend-thing: 1\r\nContent-Length: 0\r\n");
         }
     }
 
