@@ -26,6 +26,8 @@ use crate::traffic::{sticky, Color};
 // looked up by a prebuilt name: a `&str` is parsed into one on every lookup
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// The request path for every listener; each request finds its listener from the connection.
 pub struct Gateway {
@@ -243,34 +245,49 @@ fn strip_h2c_upgrade(req: &mut RequestHeader) {
 /// second header map that pingora clones for the upstream request and updates on every header
 /// added or removed: 3 % of sluice's instructions per request (callgrind).
 fn forget_header_case(req: &mut RequestHeader) {
-    if !req.has_case() {
-        return;
+    if req.has_case() {
+        // room for the headers added on the way upstream: growing the map rehashes it
+        edit_request(req, |p| p.headers.reserve(ADDED_HEADERS));
     }
+}
+
+/// Runs `f` on the request as plain `http` parts, whose header map takes prebuilt names as they
+/// are: `RequestHeader::insert_header` parses every name again (an allocation for a name that
+/// is not a standard one). Drops a case map, so only for a request without one (after
+/// [`forget_header_case`]); a request-target the URI does not reproduce (absolute-form, not
+/// UTF-8) is kept as it came.
+fn edit_request<R>(req: &mut RequestHeader, f: impl FnOnce(&mut http::request::Parts) -> R) -> R {
     let empty = RequestHeader::from(http::Request::new(()).into_parts().0);
     let old = std::mem::replace(req, empty);
-    // a target the URI does not reproduce (absolute-form, not UTF-8) is kept as it came
     let from_uri = old
         .uri
         .path_and_query()
         .is_some_and(|p| p.as_str().as_bytes() == old.raw_path());
     let raw = (!from_uri).then(|| old.raw_path().to_vec());
     let mut parts = http::request::Parts::from(old);
-    // room for the headers added on the way upstream: growing the map rehashes it
-    parts.headers.reserve(ADDED_HEADERS);
+    let r = f(&mut parts);
     *req = RequestHeader::from(parts);
     if let Some(raw) = raw {
         if let Err(e) = req.set_raw_path(&raw) {
             log::debug!("request target not kept verbatim: {e}");
         }
     }
+    r
 }
 
-/// As [`forget_header_case`], for a backend's response on its way to the client. A reason
-/// phrase other than the status code's own is kept.
+/// As [`forget_header_case`], for a backend's response on its way to the client.
 fn forget_response_header_case(resp: &mut ResponseHeader) {
-    if !resp.has_case() {
-        return;
+    if resp.has_case() {
+        edit_response(resp, |p| p.headers.reserve(ADDED_HEADERS));
     }
+}
+
+/// As [`edit_request`], for a response. A reason phrase other than the status code's own is
+/// kept.
+fn edit_response<R>(
+    resp: &mut ResponseHeader,
+    f: impl FnOnce(&mut http::response::Parts) -> R,
+) -> R {
     let empty = ResponseHeader::from(http::Response::new(()).into_parts().0);
     let old = std::mem::replace(resp, empty);
     let reason = old
@@ -278,13 +295,14 @@ fn forget_response_header_case(resp: &mut ResponseHeader) {
         .filter(|r| Some(*r) != old.status.canonical_reason())
         .map(str::to_string);
     let mut parts = http::response::Parts::from(old);
-    parts.headers.reserve(ADDED_HEADERS);
+    let r = f(&mut parts);
     *resp = ResponseHeader::from(parts);
     if reason.is_some() {
         if let Err(e) = resp.set_reason_phrase(reason.as_deref()) {
             log::debug!("reason phrase not kept: {e}");
         }
     }
+    r
 }
 
 /// Headers sluice may add to a request (`X-Forwarded-*`, `X-Request-Id`, `Host`, trace
@@ -614,7 +632,7 @@ impl ProxyHttp for Gateway {
         upstream: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if let Some(ip) = Self::client_ip(session) {
+        let xff = Self::client_ip(session).and_then(|ip| {
             let prev = upstream
                 .headers
                 .get(&X_FORWARDED_FOR)
@@ -625,14 +643,8 @@ impl ProxyHttp for Gateway {
                 xff.extend_from_slice(b", ");
             }
             crate::text::push_ip(&mut xff, ip);
-            let xff = HeaderValue::from_maybe_shared(Bytes::from(xff))
-                .explain_err(ErrorType::InvalidHTTPHeader, |_| "x-forwarded-for")?;
-            upstream.insert_header("x-forwarded-for", xff)?;
-        }
-        upstream.insert_header(
-            "x-forwarded-proto",
-            HeaderValue::from_static(if ctx.tls { "https" } else { "http" }),
-        )?;
+            HeaderValue::from_maybe_shared(Bytes::from(xff)).ok()
+        });
         // the client's Host header as it came (a shared copy), or the h2 :authority
         let req = session.req_header();
         let host = match req.headers.get(http::header::HOST) {
@@ -641,14 +653,24 @@ impl ProxyHttp for Gateway {
                 .uri
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
-        };
-        if let Some(host) = host.filter(|h| !h.is_empty()) {
-            if upstream.headers.get(http::header::HOST).is_none() {
-                upstream.insert_header(http::header::HOST, host.clone())?;
-            }
-            upstream.insert_header("x-forwarded-host", host)?;
         }
-        upstream.insert_header("x-request-id", ctx.request_id.clone())?;
+        .filter(|h| !h.is_empty());
+        edit_request(upstream, |p| {
+            let h = &mut p.headers;
+            if let Some(xff) = xff {
+                h.try_insert(X_FORWARDED_FOR, xff)?;
+            }
+            let proto = HeaderValue::from_static(if ctx.tls { "https" } else { "http" });
+            h.try_insert(X_FORWARDED_PROTO, proto)?;
+            if let Some(host) = host {
+                if !h.contains_key(http::header::HOST) {
+                    h.try_insert(http::header::HOST, host.clone())?;
+                }
+                h.try_insert(X_FORWARDED_HOST, host)?;
+            }
+            h.try_insert(X_REQUEST_ID, ctx.request_id.clone())
+        })
+        .explain_err(ErrorType::InvalidHTTPHeader, |_| "too many request headers")?;
         if let (Some(t), Some(rt)) = (&self.shared.tracing, ctx.trace.as_ref()) {
             t.inject(rt, upstream);
         }
@@ -661,17 +683,38 @@ impl ProxyHttp for Gateway {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        self.add_hsts(resp, ctx)?;
+        let hsts = ctx
+            .snap
+            .as_ref()
+            .and_then(|s| s.hsts.as_ref())
+            .filter(|_| ctx.tls);
+        let cookie = ctx
+            .set_cookie
+            .take()
+            .map(HeaderValue::try_from)
+            .transpose()
+            .explain_err(ErrorType::InvalidHTTPHeader, |_| "set-cookie")?;
+        edit_response(resp, |p| {
+            let h = &mut p.headers;
+            if let Some(v) = hsts {
+                h.try_insert(http::header::STRICT_TRANSPORT_SECURITY, v.clone())?;
+            }
+            if let Some(cookie) = cookie {
+                h.try_append(http::header::SET_COOKIE, cookie)?;
+            }
+            if !h.contains_key(&X_REQUEST_ID) {
+                h.try_insert(X_REQUEST_ID, ctx.request_id.clone())?;
+            }
+            Ok::<_, http::header::MaxSizeReached>(())
+        })
+        .explain_err(ErrorType::InvalidHTTPHeader, |_| {
+            "too many response headers"
+        })?;
+        // a debugging aid, off in production: the name is parsed here
         if let Some(name) = ctx.snap.as_deref().and_then(|s| s.geo_header.as_deref()) {
             if let Some(region) = ctx.region() {
                 resp.insert_header(name.to_string(), region)?;
             }
-        }
-        if let Some(cookie) = ctx.set_cookie.take() {
-            resp.append_header("set-cookie", cookie)?;
-        }
-        if resp.headers.get(&X_REQUEST_ID).is_none() {
-            resp.insert_header("x-request-id", ctx.request_id.clone())?;
         }
         Ok(())
     }
