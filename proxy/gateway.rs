@@ -255,10 +255,11 @@ fn forget_header_case(req: &mut RequestHeader) {
 /// are: `RequestHeader::insert_header` parses every name again (an allocation for a name that
 /// is not a standard one). Drops a case map, so only for a request without one (after
 /// [`forget_header_case`]); a request-target the URI does not reproduce (absolute-form, not
-/// UTF-8) is kept as it came.
+/// UTF-8) is kept as it came, and so is an h2 request's END_STREAM-with-HEADERS setting.
 fn edit_request<R>(req: &mut RequestHeader, f: impl FnOnce(&mut http::request::Parts) -> R) -> R {
     let empty = RequestHeader::from(http::Request::new(()).into_parts().0);
     let old = std::mem::replace(req, empty);
+    let end_stream = old.send_end_stream();
     let from_uri = old
         .uri
         .path_and_query()
@@ -267,6 +268,9 @@ fn edit_request<R>(req: &mut RequestHeader, f: impl FnOnce(&mut http::request::P
     let mut parts = http::request::Parts::from(old);
     let r = f(&mut parts);
     *req = RequestHeader::from(parts);
+    if let Some(e) = end_stream {
+        req.set_send_end_stream(e);
+    }
     if let Some(raw) = raw {
         if let Err(e) = req.set_raw_path(&raw) {
             log::debug!("request target not kept verbatim: {e}");
@@ -914,6 +918,11 @@ mod tests {
             assert_eq!(req.raw_path(), target);
             assert_eq!(req.method, http::Method::GET);
         }
+        let mut h2 = RequestHeader::build("POST", b"/", None).expect("req");
+        h2.set_version(http::Version::HTTP_2);
+        h2.set_send_end_stream(false);
+        edit_request(&mut h2, |p| p.headers.reserve(1));
+        assert_eq!(h2.send_end_stream(), Some(false));
     }
 
     #[test]
