@@ -253,6 +253,10 @@ impl AccessLogger {
             b.clear();
             line.write_json(&mut b);
             self.log(&b);
+            // one huge line (a long path) does not keep its buffer for the thread's life
+            if b.capacity() > 16 * 1024 {
+                *b = Vec::with_capacity(512);
+            }
         });
     }
 
