@@ -18,7 +18,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use prometheus::IntCounter;
 
 use crate::config::AccessLog;
-use crate::text::{push_ip, push_json_opt, push_json_str, push_socket_addr, push_u64};
+use crate::text::{
+    push_frac3, push_ip, push_json_opt, push_json_quoted_or_null, push_json_str, push_socket_addr,
+    push_u64,
+};
 
 /// The writer is woken early once this much is waiting.
 const WAKE_AT: usize = 64 * 1024;
@@ -59,14 +62,7 @@ impl Line<'_> {
         o.extend_from_slice(b"{\"time\":\"");
         push_time(o, self.time);
         o.extend_from_slice(b"\",\"client\":");
-        match self.client {
-            Some(ip) => {
-                o.push(b'"');
-                push_ip(o, ip);
-                o.push(b'"');
-            }
-            None => o.extend_from_slice(b"null"),
-        }
+        push_json_quoted_or_null(o, self.client, push_ip);
         o.extend_from_slice(b",\"method\":");
         push_json_str(o, self.method);
         o.extend_from_slice(b",\"host\":");
@@ -86,13 +82,7 @@ impl Line<'_> {
         o.extend_from_slice(b",\"duration_ms\":");
         let us = u64::try_from(self.duration.as_micros()).unwrap_or(u64::MAX);
         push_u64(o, us / 1000);
-        let frac = us % 1000;
-        o.extend_from_slice(&[
-            b'.',
-            b'0' + (frac / 100) as u8,
-            b'0' + (frac / 10 % 10) as u8,
-            b'0' + (frac % 10) as u8,
-        ]);
+        push_frac3(o, (us % 1000) as u32);
         o.extend_from_slice(b",\"route\":");
         push_json_opt(o, self.route);
         if let Some(c) = self.color {
@@ -106,14 +96,7 @@ impl Line<'_> {
             push_json_str(o, r);
         }
         o.extend_from_slice(b",\"backend\":");
-        match self.backend {
-            Some(a) => {
-                o.push(b'"');
-                push_socket_addr(o, a);
-                o.push(b'"');
-            }
-            None => o.extend_from_slice(b"null"),
-        }
+        push_json_quoted_or_null(o, self.backend, push_socket_addr);
         o.extend_from_slice(b",\"retries\":");
         push_u64(o, u64::from(self.retries));
         if !self.failed_backends.is_empty() {
@@ -122,9 +105,7 @@ impl Line<'_> {
                 if i > 0 {
                     o.push(b',');
                 }
-                o.push(b'"');
-                push_socket_addr(o, *a);
-                o.push(b'"');
+                push_json_quoted_or_null(o, Some(*a), push_socket_addr);
             }
             o.push(b']');
         }
@@ -168,14 +149,8 @@ fn push_time(o: &mut Vec<u8>, t: SystemTime) {
         let _ = write!(o, "{}", humantime::format_rfc3339_millis(t));
         return;
     }
-    let ms = since.subsec_millis();
-    o.extend_from_slice(&[
-        b'.',
-        b'0' + (ms / 100) as u8,
-        b'0' + (ms / 10 % 10) as u8,
-        b'0' + (ms % 10) as u8,
-        b'Z',
-    ]);
+    push_frac3(o, since.subsec_millis());
+    o.push(b'Z');
 }
 
 #[derive(Default)]

@@ -29,6 +29,17 @@ pub fn push_u64(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(&buf[i..]);
 }
 
+/// Appends `.` and `n` (below 1000) as three digits: the fraction of milliseconds or seconds.
+pub fn push_frac3(out: &mut Vec<u8>, n: u32) {
+    let n = n.min(999);
+    out.extend_from_slice(&[
+        b'.',
+        b'0' + (n / 100) as u8,
+        b'0' + (n / 10 % 10) as u8,
+        b'0' + (n % 10) as u8,
+    ]);
+}
+
 /// Appends `ip` as `Display` writes it.
 pub fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
     match ip {
@@ -107,6 +118,19 @@ pub fn push_json_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
+/// Appends `v` written by `write` inside quotes (a JSON string that needs no escapes: an
+/// address), or `null`.
+pub fn push_json_quoted_or_null<T>(out: &mut Vec<u8>, v: Option<T>, write: fn(&mut Vec<u8>, T)) {
+    match v {
+        Some(v) => {
+            out.push(b'"');
+            write(out, v);
+            out.push(b'"');
+        }
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
 /// Appends a JSON string or `null`.
 pub fn push_json_opt(out: &mut Vec<u8>, s: Option<&str>) {
     match s {
@@ -159,5 +183,17 @@ mod tests {
             assert_eq!(back, s);
         }
         assert_eq!(text(|o| push_json_opt(o, None)), "null");
+        let ip: IpAddr = "10.0.0.1".parse().expect("ip");
+        assert_eq!(
+            text(|o| push_json_quoted_or_null(o, Some(ip), push_ip)),
+            "\"10.0.0.1\""
+        );
+        assert_eq!(
+            text(|o| push_json_quoted_or_null(o, None::<IpAddr>, push_ip)),
+            "null"
+        );
+        for (n, t) in [(0, ".000"), (7, ".007"), (45, ".045"), (999, ".999")] {
+            assert_eq!(text(|o| push_frac3(o, n)), t);
+        }
     }
 }
