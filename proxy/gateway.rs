@@ -1,5 +1,11 @@
 //! The request path: route, pick a backend, forward with the standard headers, answer errors
 //! with short bodies, and record metrics and the access log.
+//!
+//! Header names go on lower-case both ways (a few common ones, `Host` among them, title-cased
+//! by pingora), as HTTP/2 writes them and as HAProxy and Envoy send them: names are
+//! case-insensitive (RFC 9110 section 5.1). Pingora parses HTTP/1 heads without its second,
+//! case-keeping header map for that (`set_keep_header_case(false)` in `edge`,
+//! `keep_response_header_case = false` on every peer in `snapshot`; pingora patch 0003).
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -239,22 +245,10 @@ fn strip_h2c_upgrade(req: &mut RequestHeader) {
     }
 }
 
-/// Forgets the case the client wrote header names in: they go upstream lower-case (a few
-/// common ones, `Host` among them, title-cased by pingora), as HAProxy and Envoy send them.
-/// HTTP header names are case-insensitive (RFC 9110 section 5.1). Keeping the case costs a
-/// second header map that pingora clones for the upstream request and updates on every header
-/// added or removed: 3 % of sluice's instructions per request (callgrind).
-fn forget_header_case(req: &mut RequestHeader) {
-    if req.has_case() {
-        // room for the headers added on the way upstream: growing the map rehashes it
-        edit_request(req, |p| p.headers.reserve(ADDED_HEADERS));
-    }
-}
-
 /// Runs `f` on the request as plain `http` parts, whose header map takes prebuilt names as they
 /// are: `RequestHeader::insert_header` parses every name again (an allocation for a name that
-/// is not a standard one). Drops a case map, so only for a request without one (after
-/// [`forget_header_case`]); a request-target the URI does not reproduce (absolute-form, not
+/// is not a standard one). Would drop a case map (sluice's requests have none: see the
+/// module doc); a request-target the URI does not reproduce (absolute-form, not
 /// UTF-8) is kept as it came, and so is an h2 request's END_STREAM-with-HEADERS setting.
 fn edit_request<R>(req: &mut RequestHeader, f: impl FnOnce(&mut http::request::Parts) -> R) -> R {
     let empty = RequestHeader::from(http::Request::new(()).into_parts().0);
@@ -277,13 +271,6 @@ fn edit_request<R>(req: &mut RequestHeader, f: impl FnOnce(&mut http::request::P
         }
     }
     r
-}
-
-/// As [`forget_header_case`], for a backend's response on its way to the client.
-fn forget_response_header_case(resp: &mut ResponseHeader) {
-    if resp.has_case() {
-        edit_response(resp, |p| p.headers.reserve(ADDED_HEADERS));
-    }
 }
 
 /// As [`edit_request`], for a response. A reason phrase other than the status code's own is
@@ -373,7 +360,6 @@ impl ProxyHttp for Gateway {
         // a client that stops reading (or an h2 window left at zero) is not waited for forever
         session.set_write_timeout(Some(snap.config.limits.send_timeout));
         strip_h2c_upgrade(session.req_header_mut());
-        forget_header_case(session.req_header_mut());
         let req = session.req_header();
         ctx.request_id = request_id(req);
         ctx.host = Host::new(request_host(req));
@@ -615,7 +601,6 @@ impl ProxyHttp for Gateway {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        forget_response_header_case(resp);
         if let Some(rt) = ctx.trace.as_ref() {
             rt.attempt_status(resp.status.as_u16());
         }
@@ -661,6 +646,7 @@ impl ProxyHttp for Gateway {
         .filter(|h| !h.is_empty());
         edit_request(upstream, |p| {
             let h = &mut p.headers;
+            h.reserve(ADDED_HEADERS);
             if let Some(xff) = xff {
                 h.try_insert(X_FORWARDED_FOR, xff)?;
             }
@@ -700,6 +686,7 @@ impl ProxyHttp for Gateway {
             .explain_err(ErrorType::InvalidHTTPHeader, |_| "set-cookie")?;
         edit_response(resp, |p| {
             let h = &mut p.headers;
+            h.reserve(ADDED_HEADERS);
             if let Some(v) = hsts {
                 h.try_insert(http::header::STRICT_TRANSPORT_SECURITY, v.clone())?;
             }
@@ -891,7 +878,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn header_case_is_forgotten_and_the_target_kept() {
+    fn edit_request_keeps_the_target_and_end_stream() {
         let wire = |r: &RequestHeader| {
             let mut b = bytes::BytesMut::new();
             r.header_to_h1_wire(&mut b);
@@ -903,17 +890,18 @@ mod tests {
             b"/caf\xe9",
             b"*",
         ] {
-            let mut req = RequestHeader::build("GET", target, None).expect("req");
+            // as edge parses them: no case map
+            let mut req = RequestHeader::build_no_case("GET", target, None).expect("req");
             req.append_header("X-Custom-Thing", "1").expect("hdr");
             req.append_header("x-custom-thing", "2").expect("hdr");
             req.append_header("HOST", "example.com").expect("hdr");
-            req.insert_header("user-AGENT", "t").expect("hdr");
-            assert!(req.has_case());
-            forget_header_case(&mut req);
+            edit_request(&mut req, |p| {
+                p.headers.insert(X_REQUEST_ID, "r".parse().expect("v"))
+            });
             assert!(!req.has_case());
             assert_eq!(
                 wire(&req),
-                "x-custom-thing: 1\r\nx-custom-thing: 2\r\nHost: example.com\r\nuser-agent: t\r\n"
+                "x-custom-thing: 1\r\nx-custom-thing: 2\r\nHost: example.com\r\nx-request-id: r\r\n"
             );
             assert_eq!(req.raw_path(), target);
             assert_eq!(req.method, http::Method::GET);
@@ -926,14 +914,15 @@ mod tests {
     }
 
     #[test]
-    fn response_header_case_is_forgotten_and_the_reason_kept() {
+    fn edit_response_keeps_the_reason() {
         for (reason, kept) in [(None, "OK"), (Some("Fine Thanks"), "Fine Thanks")] {
-            let mut resp = ResponseHeader::build(200, None).expect("resp");
+            let mut resp = ResponseHeader::build_no_case(200, None).expect("resp");
             resp.set_reason_phrase(reason).expect("reason");
             resp.append_header("X-Backend-Thing", "1").expect("hdr");
-            resp.append_header("Content-Length", "0").expect("hdr");
-            assert!(resp.has_case());
-            forget_response_header_case(&mut resp);
+            edit_response(&mut resp, |p| {
+                p.headers
+                    .insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("0"))
+            });
             assert!(!resp.has_case());
             assert_eq!(resp.get_reason_phrase(), Some(kept));
             assert_eq!(resp.status, 200);

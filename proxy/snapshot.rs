@@ -393,6 +393,8 @@ fn build_pool(p: &crate::config::Pool, resolver: &Resolver, reg: &Registries) ->
             o.total_connection_timeout = Some(p.connect_timeout * 2);
             o.read_timeout = Some(p.read_timeout);
             o.write_timeout = Some(p.read_timeout);
+            // a backend's header names reach the client lower-case, as over h2 (see `gateway`)
+            o.keep_response_header_case = false;
             // a name's member may vanish: its idle connections must not outlive that by much
             // (pingora's pool cannot drop a peer's connections on demand)
             o.idle_timeout = Some(if m.host.is_some() {

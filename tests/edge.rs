@@ -246,6 +246,36 @@ fn idle_keepalive_connections_are_closed() {
     assert!(closed_within(&mut s, Duration::from_secs(1)));
 }
 
+/// Header names go on lower-case both ways (pingora parses the heads without their case), a
+/// few standard ones title-cased; values and the request target are kept as they came.
+#[test]
+fn header_names_go_on_lower_case_both_ways() {
+    let dir = tempdir();
+    let rb = RawBackend::start();
+    let (_sluice, plain) = start(dir.path(), rb.addr, "");
+    let mut s = TcpStream::connect(plain).expect("connect");
+    for _ in 0..2 {
+        rb.clear();
+        s.write_all(b"GET /A/b?C=D HTTP/1.1\r\nHOST: t\r\nX-Client-Thing: Mixed Case\r\nx-client-THING: 2\r\n\r\n")
+            .expect("write");
+        let (code, head, body) = read_response(&mut s).expect("answer");
+        assert_eq!((code, &body[..]), (200, &b"ok\n"[..]), "{head}");
+        assert!(head.contains("\r\nx-raw-backend: Yes\r\n"), "{head}");
+        assert!(!head.contains("X-Raw-Backend"), "{head}");
+        let got = String::from_utf8_lossy(&rb.received()).to_string();
+        assert!(got.starts_with("GET /A/b?C=D HTTP/1.1\r\n"), "{got}");
+        assert!(
+            got.contains("\r\nx-client-thing: Mixed Case\r\nx-client-thing: 2\r\n"),
+            "{got}"
+        );
+        assert!(got.contains("\r\nHost: t\r\n"), "{got}");
+        assert!(
+            !got.contains("X-Client-Thing") && !got.contains("HOST"),
+            "{got}"
+        );
+    }
+}
+
 #[test]
 fn oversized_heads_get_431_and_bodies_413() {
     let dir = tempdir();

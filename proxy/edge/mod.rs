@@ -480,6 +480,8 @@ impl Edge {
             served += 1;
             let mut session = ServerSession::new_http1(conn);
             session.set_pipelined_prefix(head);
+            // header names go on lower-case (see `gateway`): pingora need not keep their case
+            session.set_keep_header_case(false);
             // pingora decides keep-alive from the request's own headers; this loop keeps the
             // idle time, and the last allowed request is told to close
             let last = served >= limits.keepalive_requests || *shutdown.borrow();

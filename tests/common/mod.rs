@@ -453,7 +453,7 @@ pub fn write_by_rename(path: &Path, text: &str) {
 }
 
 /// A backend that records every byte it receives (all connections, in arrival order) and
-/// answers each complete request `200 ok`. For asserting exactly what sluice forwards.
+/// answers each complete request `200 ok` (with an `X-Raw-Backend: Yes` header). For asserting exactly what sluice forwards.
 pub struct RawBackend {
     pub addr: SocketAddr,
     received: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
@@ -487,7 +487,7 @@ impl RawBackend {
                             pending.drain(..len);
                             rq.fetch_add(1, Ordering::SeqCst);
                             let _ = conn.write_all(
-                                b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-type: text/plain\r\n\r\nok\n",
+                                b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-type: text/plain\r\nX-Raw-Backend: Yes\r\n\r\nok\n",
                             );
                         }
                     }
