@@ -775,23 +775,65 @@ fn pooled_upstream_connections_pass_between_client_connections_intact() {
     let s = gateway(dir.path(), &one_pool(&[b1.addr], ""));
     let connect = || std::net::TcpStream::connect(s.plain).expect("connect");
     let (mut a, mut b) = (connect(), connect());
-    // Two client connections taking turns: each request takes from the shared pool the upstream
-    // connection the other one's request put back, often on the other worker thread. Published
-    // pingora lost such a connection now and then ("failed to acquire reusable stream", a new
-    // upstream connection instead; cloudflare/pingora#998): pingora patch 0002.
+    // Two client connections taking turns, each quiet long enough between its requests to give
+    // its upstream connection to the shared pool (pingora patch 0004): each request takes from
+    // the shared pool the upstream connection the other one's request put back, often on the
+    // other worker thread. Published pingora lost such a connection now and then ("failed to
+    // acquire reusable stream", a new upstream connection instead; cloudflare/pingora#998):
+    // pingora patch 0002.
     let mut seen = std::collections::HashSet::new();
-    for _ in 0..100 {
+    let quiet = std::time::Duration::from_millis(30);
+    for _ in 0..60 {
         seen.insert(upstream_connection_of(&mut a));
+        std::thread::sleep(quiet);
         seen.insert(upstream_connection_of(&mut b));
+        std::thread::sleep(quiet);
     }
     let log = s.sluice.proc.stderr();
     assert!(
         !log.contains("failed to acquire reusable stream"),
-        "a pooled connection was lost ({} upstream connections for 200 requests): {log}",
+        "a pooled connection was lost ({} upstream connections for 120 requests): {log}",
         seen.len()
     );
     // one connection in turns, or two when a request came before the other's was back
-    assert!(seen.len() <= 4, "200 requests used upstream {seen:?}");
+    assert!(seen.len() <= 4, "120 requests used upstream {seen:?}");
+}
+
+/// A busy client connection keeps the upstream connection it used (pingora patch 0004): two
+/// taking turns without a pause use one each (through the shared pool they would pass one
+/// between them); once quiet, both go to the shared pool, where a third client finds them.
+#[test]
+fn busy_client_connections_keep_their_upstream_connection_until_quiet() {
+    let dir = tempdir();
+    let b1 = Backend::start(dir.path(), "b1");
+    let s = gateway(dir.path(), &one_pool(&[b1.addr], ""));
+    let connect = || std::net::TcpStream::connect(s.plain).expect("connect");
+    let (mut a, mut b) = (connect(), connect());
+    let (mut of_a, mut of_b) = (Vec::new(), Vec::new());
+    for _ in 0..50 {
+        of_a.push(upstream_connection_of(&mut a));
+        of_b.push(upstream_connection_of(&mut b));
+    }
+    // the id a client's requests used most, and how many used it (a busy machine may stall
+    // both clients past the quiet time now and then, and they may swap connections)
+    let most = |ids: &[String]| {
+        let mut n = std::collections::HashMap::new();
+        for id in ids {
+            *n.entry(id.clone()).or_insert(0) += 1;
+        }
+        n.into_iter().max_by_key(|(_, c)| *c).expect("ids")
+    };
+    let (ka, na) = most(&of_a);
+    let (kb, nb) = most(&of_b);
+    assert_ne!(ka, kb, "a: {of_a:?}\nb: {of_b:?}");
+    assert!(na >= 45 && nb >= 45, "a: {of_a:?}\nb: {of_b:?}");
+    // both quiet now: their connections are in the shared pool, and a new client gets one
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let third = upstream_connection_of(&mut connect());
+    assert!(
+        third == ka || third == kb,
+        "{third} is neither {ka} nor {kb}"
+    );
 }
 
 #[test]

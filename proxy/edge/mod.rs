@@ -114,6 +114,12 @@ use conns::{Conns, Refusal};
 /// it: small, at the price of a second read for heads longer than this.
 const HEAD_BUF: usize = 2048;
 
+/// How long a client connection may be quiet between its requests and still keep the upstream
+/// connections its last request used (pingora patch 0004, `connectors::bound`): a busy
+/// connection's next request takes them back without the shared pool's idle watch, lock and
+/// `getpeername`; a quiet one gives them to the shared pool, so idle clients hold none.
+const KEEP_UPSTREAM_QUIET: Duration = Duration::from_millis(20);
+
 /// One listener's runtime handles.
 struct ListenerRt {
     listen: SocketAddr,
@@ -341,7 +347,7 @@ async fn read_head(
     // the first bytes, or the end of the idle time
     let first = tokio::select! {
         biased;
-        r = tokio::time::timeout_at(idle_until, stream.read_buf(&mut buf)) => r,
+        r = read_first(stream, &mut buf, idle_until) => r,
         _ = shutdown.changed() => return HeadWait::Close,
     };
     match first {
@@ -393,6 +399,24 @@ async fn read_head(
             }
         }
     }
+}
+
+/// The first bytes of the next request head, by `idle_until`. Once the client has been quiet
+/// for [`KEEP_UPSTREAM_QUIET`], the upstream connections this connection kept go to the shared
+/// pool. (Reading is cancel-safe: a read cut off by the timer took no bytes.)
+async fn read_first(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    idle_until: Instant,
+) -> Result<std::io::Result<usize>, tokio::time::error::Elapsed> {
+    let quiet = Instant::now() + KEEP_UPSTREAM_QUIET;
+    if quiet < idle_until {
+        match tokio::time::timeout_at(quiet, stream.read_buf(buf)).await {
+            Err(_) => pingora::connectors::bound::release(),
+            read => return read,
+        }
+    }
+    tokio::time::timeout_at(idle_until, stream.read_buf(buf)).await
 }
 
 /// Writes a short error answer and closes (used before pingora has seen the request).
@@ -589,7 +613,7 @@ impl ServerApp for Edge {
             }
         };
         listener.open.inc();
-        let _open = Open(listener.open.clone());
+        let open = Open(listener.open.clone());
         let stream: Stream = if listener.tls {
             let acceptor =
                 &self.acceptors.as_ref()?.by[usize::from(listener.http2)][usize::from(tls13)];
@@ -613,7 +637,14 @@ impl ServerApp for Edge {
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             return Box::pin(self.serve_h2(stream, accepted, shutdown)).await;
         }
-        self.serve_h1(stream, accepted, listener, shutdown).await
+        // the upstream connections of a busy client connection stay with it between its
+        // requests (see KEEP_UPSTREAM_QUIET); when it ends they go to the shared pool, before
+        // the connection stops counting as open
+        let done =
+            pingora::connectors::bound::scope(self.serve_h1(stream, accepted, listener, shutdown))
+                .await;
+        drop(open);
+        done
     }
 
     async fn cleanup(&self) {
