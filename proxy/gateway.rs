@@ -203,20 +203,30 @@ fn choose_color(
 
 /// A request id the client sent is kept if it is a sane token; otherwise a new one is made
 /// (128 random bits in hex, written without `format!`).
+///
+/// The value is marked sensitive: over HTTP/2 it then goes as a never-indexed literal. An id
+/// is new with every request, so HPACK indexing it would only push each one into the
+/// connection's table, evicting the headers that do repeat (and cost the table's upkeep).
 fn request_id(req: &RequestHeader) -> HeaderValue {
-    if let Some(v) = req.headers.get(&X_REQUEST_ID) {
-        let b = v.as_bytes();
-        if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic()) {
-            return v.clone();
-        }
-    }
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut buf = [0u8; 32];
-    let r = fastrand::u128(..);
-    for (i, out) in buf.iter_mut().enumerate() {
-        *out = HEX[((r >> (124 - 4 * i)) & 0xf) as usize];
-    }
-    HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("-"))
+    let mut id = req
+        .headers
+        .get(&X_REQUEST_ID)
+        .filter(|v| {
+            let b = v.as_bytes();
+            !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
+        })
+        .cloned()
+        .unwrap_or_else(|| {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            let mut buf = [0u8; 32];
+            let r = fastrand::u128(..);
+            for (i, out) in buf.iter_mut().enumerate() {
+                *out = HEX[((r >> (124 - 4 * i)) & 0xf) as usize];
+            }
+            HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("-"))
+        });
+    id.set_sensitive(true);
+    id
 }
 
 /// The request's `Content-Length` (0 when absent or unreadable: a streamed body is counted as
@@ -937,10 +947,12 @@ mod tests {
         let mut req = RequestHeader::build("GET", b"/", None).expect("req");
         let a = request_id(&req);
         assert_eq!(a.len(), 32);
+        assert!(a.is_sensitive());
         assert!(a.as_bytes().iter().all(u8::is_ascii_hexdigit));
         assert_ne!(a, request_id(&req));
         req.insert_header("x-request-id", "abc-123").expect("hdr");
         assert_eq!(request_id(&req), "abc-123");
+        assert!(request_id(&req).is_sensitive());
         req.insert_header("x-request-id", "has space").expect("hdr");
         assert_ne!(request_id(&req), "has space");
     }

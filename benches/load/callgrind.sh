@@ -8,6 +8,8 @@
 #                                                access log to a file, metrics)
 #   CG_PROXY=bare benches/load/callgrind.sh BIN  the bare pingora proxy (`BIN bench bare-proxy`,
 #                                                or BIN itself when it is bare-pingora)
+#   CG_H2=1 benches/load/callgrind.sh BIN [N]    sluice, over TLS 1.3 + HTTP/2 (h2load -m 10) as in
+#                                                `make bench`'s h2tls scenario (sluice only)
 #
 # BIN should have symbols and no LTO (`cargo build --profile profiling`). The callgrind files
 # stay in CG_OUT (default /tmp/sluice-callgrind) for callgrind_annotate --inclusive=yes.
@@ -30,6 +32,13 @@ wait_port() {
 	echo "nothing listens on $1" >&2
 	return 1
 }
+
+H2=${CG_H2:-}
+if [ -n "$H2" ]; then
+	[ "$PROXY" = sluice ] || { echo "CG_H2 is for sluice only" >&2; exit 1; }
+	"$ROOT/target/release/sluice" gen-cert --cert "$OUT/cert.pem" --key "$OUT/key.pem" \
+		--hosts localhost,127.0.0.1 >/dev/null
+fi
 
 BACKEND=$(free_port)
 "$ROOT/target/release/sluice" demo-backend --listen "127.0.0.1:$BACKEND" --name cg >/dev/null 2>&1 &
@@ -56,8 +65,11 @@ listen = "127.0.0.1:$admin"
 requests = 1000000000
 per = "1m"
 
+$(if [ -n "$H2" ]; then printf '[tls]\nmin_version = "1.3"\n\n[[tls.cert]]\nhosts = ["localhost"]\ncert = "%s"\nkey = "%s"\n' "$OUT/cert.pem" "$OUT/key.pem"; fi)
+
 [[listener]]
 listen = "127.0.0.1:$port"
+$(if [ -n "$H2" ]; then printf 'tls = true\nhttp2 = true\n'; fi)
 
 [[pool]]
 name = "blue"
@@ -87,9 +99,14 @@ EOF
 		>"$OUT/$PROXY-$n.log" 2>&1 &
 	pid=$!
 	wait_port "$port"
-	h2load --h1 -c 4 -n 200 "http://127.0.0.1:$port/" >/dev/null
+	local load=(--h1 -c 4) url="http://127.0.0.1:$port/"
+	if [ -n "$H2" ]; then
+		load=(-c 4 -m 10)
+		url="https://127.0.0.1:$port/"
+	fi
+	h2load "${load[@]}" -n 200 "$url" >/dev/null
 	if [ "$n" -gt 0 ]; then
-		h2load --h1 -c 4 -n "$n" "http://127.0.0.1:$port/" | grep -q "succeeded, 0 failed" ||
+		h2load "${load[@]}" -n "$n" "$url" | grep -q "succeeded, 0 failed" ||
 			{ echo "requests failed" >&2; kill "$pid"; exit 1; }
 	fi
 	kill -TERM "$pid"
