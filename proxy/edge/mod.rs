@@ -115,9 +115,10 @@ use conns::{Conns, Refusal};
 const HEAD_BUF: usize = 2048;
 
 /// How long a client connection may be quiet between its requests and still keep the upstream
-/// connections its last request used (pingora patch 0004, `connectors::bound`): a busy
-/// connection's next request takes them back without the shared pool's idle watch, lock and
-/// `getpeername`; a quiet one gives them to the shared pool, so idle clients hold none.
+/// connection its last request used (pingora patch 0004, `connectors::bound`): a busy
+/// connection's next request to the same backend takes it back without the shared pool's idle
+/// watch, lock and `getpeername`; a quiet one gives it to the shared pool, so idle clients hold
+/// none.
 const KEEP_UPSTREAM_QUIET: Duration = Duration::from_millis(20);
 
 /// One listener's runtime handles.
@@ -402,7 +403,7 @@ async fn read_head(
 }
 
 /// The first bytes of the next request head, by `idle_until`. Once the client has been quiet
-/// for [`KEEP_UPSTREAM_QUIET`], the upstream connections this connection kept go to the shared
+/// for [`KEEP_UPSTREAM_QUIET`], the upstream connection this connection kept goes to the shared
 /// pool. (Reading is cancel-safe: a read cut off by the timer took no bytes.)
 async fn read_first(
     stream: &mut Stream,
@@ -515,6 +516,12 @@ impl Edge {
             session.set_write_timeout(Some(limits.send_timeout));
             let proxy = self.proxy(&limits);
             let reused = proxy.process_new_http(session, &shutdown).await?;
+            if served == 1 {
+                // a connection is kept an upstream connection from its second request on: one
+                // that makes a single request (and idles, or closes) would only take one more
+                // upstream connection out of the shared pool while others arrive
+                pingora::connectors::bound::release();
+            }
             conn = reused.consume().0.into_any().downcast().ok()?;
             if last {
                 return None;
@@ -637,8 +644,8 @@ impl ServerApp for Edge {
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             return Box::pin(self.serve_h2(stream, accepted, shutdown)).await;
         }
-        // the upstream connections of a busy client connection stay with it between its
-        // requests (see KEEP_UPSTREAM_QUIET); when it ends they go to the shared pool, before
+        // the upstream connection of a busy client connection stays with it between its
+        // requests (see KEEP_UPSTREAM_QUIET); when it ends it goes to the shared pool, before
         // the connection stops counting as open
         let done =
             pingora::connectors::bound::scope(self.serve_h1(stream, accepted, listener, shutdown))
