@@ -257,9 +257,9 @@ fn strip_h2c_upgrade(req: &mut RequestHeader) {
 
 /// Runs `f` on the request as plain `http` parts, whose header map takes prebuilt names as they
 /// are: `RequestHeader::insert_header` parses every name again (an allocation for a name that
-/// is not a standard one). Would drop a case map (sluice's requests have none: see the
-/// module doc); a request-target the URI does not reproduce (absolute-form, not
-/// UTF-8) is kept as it came, and so is an h2 request's END_STREAM-with-HEADERS setting.
+/// is not a standard one). Would drop a case map (sluice's requests have none: see the module
+/// doc); a request-target the URI does not reproduce (absolute-form, not UTF-8) is kept as it
+/// came, and so is an h2 request's END_STREAM-with-HEADERS setting.
 fn edit_request<R>(req: &mut RequestHeader, f: impl FnOnce(&mut http::request::Parts) -> R) -> R {
     let empty = RequestHeader::from(http::Request::new(()).into_parts().0);
     let old = std::mem::replace(req, empty);

@@ -517,9 +517,9 @@ impl Edge {
             let proxy = self.proxy(&limits);
             let reused = proxy.process_new_http(session, &shutdown).await?;
             if served == 1 {
-                // a connection is kept an upstream connection from its second request on: one
-                // that makes a single request (and idles, or closes) would only take one more
-                // upstream connection out of the shared pool while others arrive
+                // a connection keeps its upstream connection from its second request on: one
+                // that makes a single request and then idles or closes would only hold it back
+                // from the shared pool (a burst of such clients opened twice the connections)
                 pingora::connectors::bound::release();
             }
             conn = reused.consume().0.into_any().downcast().ok()?;
