@@ -694,8 +694,12 @@ fn a_shift_completes_and_one_towards_a_failing_green_is_rolled_back() {
 fn no_request_fails_while_weights_change_every_100ms() {
     let s = start((50, 50), "cookie");
     let stop = Arc::new(AtomicBool::new(false));
+    // weight changes made so far: requests go on for 3 s and until there were 20 of them (a
+    // busy machine answers the admin slower than every 100 ms), at most 30 s
+    let made = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let changer = {
         let stop = stop.clone();
+        let made = made.clone();
         let admin = s.sluice.admin;
         std::thread::spawn(move || {
             let mut changes = 0;
@@ -713,6 +717,7 @@ fn no_request_fails_while_weights_change_every_100ms() {
                 .expect("admin");
                 assert_eq!(r.code, 200, "{}", r.body);
                 changes += 1;
+                made.store(changes, Ordering::SeqCst);
                 std::thread::sleep(Duration::from_millis(100));
             }
             changes
@@ -724,11 +729,15 @@ fn no_request_fails_while_weights_change_every_100ms() {
         let mut handles = Vec::new();
         for _ in 0..4 {
             let url = url.clone();
+            let made = made.clone();
             handles.push(tokio::spawn(async move {
                 let client = pooled_client();
-                let end = Instant::now() + Duration::from_secs(3);
+                let start = Instant::now();
                 let (mut ok, mut colors) = (0, HashMap::new());
-                while Instant::now() < end {
+                while start.elapsed() < Duration::from_secs(3)
+                    || (made.load(Ordering::SeqCst) < 20
+                        && start.elapsed() < Duration::from_secs(30))
+                {
                     // a new client each time: cookies would pin the color
                     let (code, color, _) = get(&client, &url, &[]).await;
                     assert_eq!(code, 200, "a request failed during weight changes");
