@@ -334,12 +334,14 @@ enum HeadWait {
 
 /// Waits for the next request head: at most `idle` for its first byte, then until `deadline`
 /// (if given, else `header_timeout` from the first byte) for the rest, at most `max` bytes.
+/// `keeps_upstream`: this task may hold an upstream connection (see [`read_first`]).
 /// While it waits, the connection holds its socket, this small future and the read buffer
 /// (`HEAD_BUF`).
 async fn read_head(
     stream: &mut Stream,
     idle_until: Instant,
     first_deadline: Option<Instant>,
+    keeps_upstream: bool,
     limits: &Limits,
     hits: &Hits,
     shutdown: &mut ShutdownWatch,
@@ -348,7 +350,7 @@ async fn read_head(
     // the first bytes, or the end of the idle time
     let first = tokio::select! {
         biased;
-        r = read_first(stream, &mut buf, idle_until) => r,
+        r = read_first(stream, &mut buf, idle_until, keeps_upstream) => r,
         _ = shutdown.changed() => return HeadWait::Close,
     };
     match first {
@@ -402,19 +404,23 @@ async fn read_head(
     }
 }
 
-/// The first bytes of the next request head, by `idle_until`. Once the client has been quiet
-/// for [`KEEP_UPSTREAM_QUIET`], the upstream connection this connection kept goes to the shared
-/// pool. (Reading is cancel-safe: a read cut off by the timer took no bytes.)
+/// The first bytes of the next request head, by `idle_until`. If the task `keeps_upstream`
+/// (it may hold the upstream connection its last request used), that connection goes to the
+/// shared pool once the client has been quiet for [`KEEP_UPSTREAM_QUIET`]; otherwise there is
+/// no quiet timer to arm. (Reading is cancel-safe: a read cut off by the timer took no bytes.)
 async fn read_first(
     stream: &mut Stream,
     buf: &mut BytesMut,
     idle_until: Instant,
+    keeps_upstream: bool,
 ) -> Result<std::io::Result<usize>, tokio::time::error::Elapsed> {
-    let quiet = Instant::now() + KEEP_UPSTREAM_QUIET;
-    if quiet < idle_until {
-        match tokio::time::timeout_at(quiet, stream.read_buf(buf)).await {
-            Err(_) => pingora::connectors::bound::release(),
-            read => return read,
+    if keeps_upstream {
+        let quiet = Instant::now() + KEEP_UPSTREAM_QUIET;
+        if quiet < idle_until {
+            match tokio::time::timeout_at(quiet, stream.read_buf(buf)).await {
+                Err(_) => pingora::connectors::bound::release(),
+                read => return read,
+            }
         }
     }
     tokio::time::timeout_at(idle_until, stream.read_buf(buf)).await
@@ -464,6 +470,8 @@ impl Edge {
                 conn.inner_mut(),
                 idle_until,
                 first_deadline,
+                // nothing is kept before the second request: see the release after the first
+                served >= 2,
                 &limits,
                 &self.hits,
                 &mut shutdown,
