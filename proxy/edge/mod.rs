@@ -109,17 +109,21 @@ use crate::snapshot::find_listener;
 use crate::state::Shared;
 use conns::{Conns, Refusal};
 
-/// A request head is read into a buffer of this size first (grown up to `max_header_bytes`).
-/// It is allocated when the wait for a request starts, so an idle keep-alive connection holds
-/// it: small, at the price of a second read for heads longer than this.
+/// A request head is read into a buffer of this size first (grown up to `max_header_bytes`):
+/// small, at the price of a second read for heads longer than this. A busy connection holds it
+/// while it waits for its next request; a quiet one gives it back (see [`QUIET`]).
 const HEAD_BUF: usize = 2048;
 
-/// How long a client connection may be quiet between its requests and still keep the upstream
-/// connection its last request used (pingora patch 0004, `connectors::bound`): a busy
-/// connection's next request to the same backend takes it back without the shared pool's idle
-/// watch, lock and `getpeername`; a quiet one gives it to the shared pool, so idle clients hold
-/// none.
-const KEEP_UPSTREAM_QUIET: Duration = Duration::from_millis(20);
+/// How long a client connection may be quiet between its requests and still hold what serves
+/// its next request fastest:
+/// - the upstream connection its last request used (pingora patch 0004, `connectors::bound`):
+///   a busy connection's next request to the same backend takes it back without the shared
+///   pool's idle watch, lock and `getpeername`; a quiet one gives it to the shared pool, so idle
+///   clients hold none;
+/// - its head buffer ([`HEAD_BUF`]): a busy connection reads its next head straight into it; a
+///   quiet one frees it and waits for one byte without it (one more read when it wakes up), so
+///   an idle keep-alive connection holds no buffer.
+const QUIET: Duration = Duration::from_millis(20);
 
 /// One listener's runtime handles.
 struct ListenerRt {
@@ -335,8 +339,8 @@ enum HeadWait {
 /// Waits for the next request head: at most `idle` for its first byte, then until `deadline`
 /// (if given, else `header_timeout` from the first byte) for the rest, at most `max` bytes.
 /// `keeps_upstream`: this task may hold an upstream connection (see [`read_first`]).
-/// While it waits, the connection holds its socket, this small future and the read buffer
-/// (`HEAD_BUF`).
+/// While it waits, the connection holds its socket and this small future, and for the first
+/// [`QUIET`] the read buffer (`HEAD_BUF`).
 async fn read_head(
     stream: &mut Stream,
     idle_until: Instant,
@@ -404,26 +408,35 @@ async fn read_head(
     }
 }
 
-/// The first bytes of the next request head, by `idle_until`. If the task `keeps_upstream`
-/// (it may hold the upstream connection its last request used), that connection goes to the
-/// shared pool once the client has been quiet for [`KEEP_UPSTREAM_QUIET`]; otherwise there is
-/// no quiet timer to arm. (Reading is cancel-safe: a read cut off by the timer took no bytes.)
+/// The first bytes of the next request head, by `idle_until`, into `buf`. Once the client has
+/// been quiet for [`QUIET`], the upstream connection this task kept goes to the shared pool (if
+/// it `keeps_upstream`) and `buf` is freed until the next byte comes. (Reading is cancel-safe:
+/// a read cut off by the timer took no bytes.)
 async fn read_first(
     stream: &mut Stream,
     buf: &mut BytesMut,
     idle_until: Instant,
     keeps_upstream: bool,
 ) -> Result<std::io::Result<usize>, tokio::time::error::Elapsed> {
-    if keeps_upstream {
-        let quiet = Instant::now() + KEEP_UPSTREAM_QUIET;
-        if quiet < idle_until {
-            match tokio::time::timeout_at(quiet, stream.read_buf(buf)).await {
-                Err(_) => pingora::connectors::bound::release(),
-                read => return read,
+    let quiet = Instant::now() + QUIET;
+    if quiet < idle_until {
+        match tokio::time::timeout_at(quiet, stream.read_buf(buf)).await {
+            Err(_) => {
+                if keeps_upstream {
+                    pingora::connectors::bound::release();
+                }
             }
+            read => return read,
         }
     }
-    tokio::time::timeout_at(idle_until, stream.read_buf(buf)).await
+    *buf = BytesMut::new();
+    let mut first = [0u8; 1];
+    let read = tokio::time::timeout_at(idle_until, stream.read(&mut first)).await?;
+    if let Ok(1) = read {
+        buf.reserve(HEAD_BUF);
+        buf.extend_from_slice(&first);
+    }
+    Ok(read)
 }
 
 /// Writes a short error answer and closes (used before pingora has seen the request).
@@ -653,7 +666,7 @@ impl ServerApp for Edge {
             return Box::pin(self.serve_h2(stream, accepted, shutdown)).await;
         }
         // the upstream connection of a busy client connection stays with it between its
-        // requests (see KEEP_UPSTREAM_QUIET); when it ends it goes to the shared pool, before
+        // requests (see QUIET); when it ends it goes to the shared pool, before
         // the connection stops counting as open
         let done =
             pingora::connectors::bound::scope(self.serve_h1(stream, accepted, listener, shutdown))
