@@ -184,6 +184,62 @@ fn h2c_prior_knowledge() {
     });
 }
 
+/// Over TLS, a client quiet for longer than the edge's quiet time (20 ms: the connection then
+/// frees its head buffer and waits for one byte of plaintext without it) is served whole
+/// requests, twice on one kept-alive connection, each head split by pauses.
+#[test]
+fn a_quiet_tls_client_is_served_whole_requests() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempdir();
+    let b1 = Backend::start(dir.path(), "b1");
+    let s = gateway(dir.path(), &one_pool(&[b1.addr], ""));
+    runtime().block_on(async {
+        let tcp = tokio::net::TcpStream::connect(s.tls)
+            .await
+            .expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("shop.test").expect("name");
+        let mut tls = s.ca.connector(false).connect(name, tcp).await.expect("tls");
+        for n in 1..=2 {
+            let line = format!("ET /_demo/headers?n={n} HTTP/1.1\r\nHo");
+            for piece in [&b"G"[..], line.as_bytes(), b"st: shop.test\r\n\r\n"] {
+                tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+                tls.write_all(piece).await.expect("write");
+            }
+            // one response: its head, then content-length bytes of body
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            let mut body_at = None;
+            loop {
+                if let Some((end, len)) = body_at {
+                    if got.len() >= end + len {
+                        break;
+                    }
+                } else if let Some(p) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&got[..p]).to_string();
+                    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+                    let len: usize = head_header(&head, "content-length")
+                        .and_then(|v| v.parse().ok())
+                        .expect("content-length");
+                    body_at = Some((p + 4, len));
+                    continue;
+                }
+                let read =
+                    tokio::time::timeout(std::time::Duration::from_secs(10), tls.read(&mut buf))
+                        .await
+                        .expect("an answer in time")
+                        .expect("read");
+                assert!(read > 0, "closed: {}", String::from_utf8_lossy(&got));
+                got.extend_from_slice(&buf[..read]);
+            }
+            let (end, len) = body_at.expect("a response");
+            let echoed: serde_json::Value =
+                serde_json::from_slice(&got[end..end + len]).expect("json");
+            assert_eq!(echoed["method"], "GET");
+            assert_eq!(echoed["uri"], format!("/_demo/headers?n={n}"));
+        }
+    });
+}
+
 /// Connects with the given SNI and returns the leaf certificate the server presented.
 async fn presented_cert(
     addr: SocketAddr,
