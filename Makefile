@@ -7,7 +7,7 @@ TARGET_DIR := target/$(if $(filter dev,$(PROFILE)),debug,$(PROFILE))
 BIN := $(TARGET_DIR)/sluice
 CONFIG ?= config/sluice.toml
 
-.PHONY: run test test-deps deps build check-config bench bench-deps bench-micro image fmt lint clean
+.PHONY: run test test-deps deps build check-config bench bench-cpu bench-deps bench-micro image fmt lint clean
 
 # Install what the build needs when it is missing (cmake for pingora's zlib-ng; patch and curl
 # for the pingora patches), then build the patched pingora sources (proxy/patches/).
@@ -110,6 +110,13 @@ bench: bench-deps
 	SLUICE_BIN=target/release/sluice BARE_BIN=target/bare-pingora/release/bare-pingora \
 	  SLUICE_COUNT_BIN=target/profiling/sluice-system-alloc \
 	  BARE_COUNT_BIN=target/bare-pingora/profiling/bare-pingora benches/load/run.sh
+
+# CPU time per HTTP/1.1 request, user and kernel, of nginx, bare pingora and sluice (CPU_PERF=1:
+# with a cpu-clock profile of each); needs the release builds `make bench` makes.
+bench-cpu: bench-deps
+	$(CARGO) build --release --bin sluice
+	$(BARE_CARGO) --release
+	benches/load/cpu.sh
 
 # Micro-benchmarks (criterion) and the rate limiter's memory with 1,000,000 clients.
 bench-micro: deps
