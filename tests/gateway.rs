@@ -892,6 +892,73 @@ fn busy_client_connections_keep_their_upstream_connection_until_quiet() {
     );
 }
 
+/// The streams of an h2 client connection keep the upstream connections they used between them
+/// while streams are in progress (pingora patch 0005), and give them to the shared pool once the
+/// connection has had none in progress for a moment, while it stays open: a plain client then
+/// finds every one of them there and opens none.
+#[test]
+fn an_idle_h2_connection_gives_its_upstream_connections_back() {
+    let dir = tempdir();
+    let b1 = Backend::start(dir.path(), "b1");
+    let s = gateway(dir.path(), &one_pool(&[b1.addr], ""));
+    let h2 = s.tls_client(false);
+    // the runtime lives on, and with it the h2 connection
+    let rt = runtime();
+    let used: std::collections::HashSet<String> = rt.block_on(async {
+        let mut used = std::collections::HashSet::new();
+        for _ in 0..3 {
+            // four streams at once, each holding an upstream connection for 100 ms
+            let answers = futures_util::future::join_all(
+                (0..4).map(|_| h2.get(s.tls_url("/_demo/sleep?ms=100")).send()),
+            )
+            .await;
+            for r in answers {
+                let r = r.expect("h2 request");
+                assert_eq!(r.version(), Version::HTTP_2);
+                assert_eq!(r.status(), 200);
+                used.insert(
+                    r.headers()["x-connection-id"]
+                        .to_str()
+                        .expect("id")
+                        .to_string(),
+                );
+            }
+        }
+        used
+    });
+    assert!(used.len() >= 4, "{used:?}");
+    // the h2 connection stays open (`h2` and `rt` live on) with nothing in progress
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // as many plain clients at once as there are upstream connections: each finds one in the
+    // shared pool only if the h2 connection kept none
+    let plain = s.plain;
+    let ids: Vec<String> = (0..used.len())
+        .map(|_| {
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let mut c = std::net::TcpStream::connect(plain).expect("connect");
+                c.write_all(b"GET /_demo/sleep?ms=300 HTTP/1.1\r\nHost: test\r\n\r\n")
+                    .expect("write");
+                let (code, head, _) = read_response(&mut c).expect("a response");
+                assert_eq!(code, 200, "{head}");
+                head_header(&head, "x-connection-id")
+                    .expect("x-connection-id")
+                    .to_string()
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().expect("client"))
+        .collect();
+    for id in &ids {
+        assert!(
+            used.contains(id),
+            "{id} is new: {ids:?}; the h2 connection used {used:?}"
+        );
+    }
+    drop((h2, rt));
+}
+
 #[test]
 fn access_log_to_a_file() {
     let dir = tempdir();
