@@ -892,10 +892,11 @@ fn busy_client_connections_keep_their_upstream_connection_until_quiet() {
     );
 }
 
-/// The streams of an h2 client connection keep the upstream connections they used between them
-/// while streams are in progress (pingora patch 0005), and give them to the shared pool once the
-/// connection has had none in progress for a moment, while it stays open: a plain client then
-/// finds every one of them there and opens none.
+/// An idle h2 client connection holds no upstream connection: after its streams are done, while
+/// it stays open, as many plain clients at once as it used upstream connections all find them in
+/// the shared pool and open none. (A guard for any scheme that lets h2 streams keep upstream
+/// connections between them, as pingora patch 0005 did: it failed when that patch never gave
+/// them back.)
 #[test]
 fn an_idle_h2_connection_gives_its_upstream_connections_back() {
     let dir = tempdir();
