@@ -338,14 +338,12 @@ enum HeadWait {
 
 /// Waits for the next request head: at most `idle` for its first byte, then until `deadline`
 /// (if given, else `header_timeout` from the first byte) for the rest, at most `max` bytes.
-/// `keeps_upstream`: this task may hold an upstream connection (see [`read_first`]).
 /// While it waits, the connection holds its socket and this small future, and for the first
 /// [`QUIET`] the read buffer (`HEAD_BUF`).
 async fn read_head(
     stream: &mut Stream,
     idle_until: Instant,
     first_deadline: Option<Instant>,
-    keeps_upstream: bool,
     limits: &Limits,
     hits: &Hits,
     shutdown: &mut ShutdownWatch,
@@ -354,7 +352,7 @@ async fn read_head(
     // the first bytes, or the end of the idle time
     let first = tokio::select! {
         biased;
-        r = read_first(stream, &mut buf, idle_until, keeps_upstream) => r,
+        r = read_first(stream, &mut buf, idle_until) => r,
         _ = shutdown.changed() => return HeadWait::Close,
     };
     match first {
@@ -409,23 +407,18 @@ async fn read_head(
 }
 
 /// The first bytes of the next request head, by `idle_until`, into `buf`. Once the client has
-/// been quiet for [`QUIET`], the upstream connection this task kept goes to the shared pool (if
-/// it `keeps_upstream`) and `buf` is freed until the next byte comes. (Reading is cancel-safe:
-/// a read cut off by the timer took no bytes.)
+/// been quiet for [`QUIET`], the upstream connection this task kept (if any) goes to the shared
+/// pool and `buf` is freed until the next byte comes. (Reading is cancel-safe: a read cut off by
+/// the timer took no bytes.)
 async fn read_first(
     stream: &mut Stream,
     buf: &mut BytesMut,
     idle_until: Instant,
-    keeps_upstream: bool,
 ) -> Result<std::io::Result<usize>, tokio::time::error::Elapsed> {
     let quiet = Instant::now() + QUIET;
     if quiet < idle_until {
         match tokio::time::timeout_at(quiet, stream.read_buf(buf)).await {
-            Err(_) => {
-                if keeps_upstream {
-                    pingora::connectors::bound::release();
-                }
-            }
+            Err(_) => pingora::connectors::bound::release(),
             read => return read,
         }
     }
@@ -483,8 +476,6 @@ impl Edge {
                 conn.inner_mut(),
                 idle_until,
                 first_deadline,
-                // nothing is kept before the second request: see the release after the first
-                served >= 2,
                 &limits,
                 &self.hits,
                 &mut shutdown,
