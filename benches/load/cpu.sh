@@ -64,64 +64,12 @@ http {
 }
 EOF
 "$BIN" geoip-build-demo --out "$W/geo.mmdb" >/dev/null
-# sluice as in run.sh: every feature on (rate limit with a high quota, geo over 2 regions,
-# blue-green 50/50, metrics, JSON access log to a file), or off
-cat >"$W/sluice.toml" <<EOF
-[server]
-threads = 1
-grace_period = "1s"
-drain_delay = "0s"
-access_log = "$W/access.log"
-[admin]
-listen = "127.0.0.1:19905"
-[limits]
-max_connections_per_ip = 0
-[rate_limit]
-requests = 1000000000
-per = "1m"
-[geoip]
-database = "$W/geo.mmdb"
-[[region]]
-name = "eu-west"
-location = [53.34, -6.27]
-[[region]]
-name = "us-east"
-location = [39.04, -77.49]
-[[listener]]
-listen = "127.0.0.1:19005"
-http2 = false
-$(for p in blue-eu:eu-west blue-us:us-east green-eu:eu-west green-us:us-east; do
-	printf '[[pool]]\nname = "%s"\nregion = "%s"\nbackends = ["127.0.0.1:19000"]\n' "${p%%:*}" "${p#*:}"
-done)
-[[route]]
-name = "all"
-hosts = ["*"]
-blue = ["blue-eu", "blue-us"]
-green = ["green-eu", "green-us"]
-weights = { blue = 50, green = 50 }
-sticky = "none"
-EOF
-cat >"$W/sluice-off.toml" <<EOF
-[server]
-threads = 1
-grace_period = "1s"
-drain_delay = "0s"
-access_log = "off"
-[admin]
-listen = "127.0.0.1:19904"
-[limits]
-max_connections_per_ip = 0
-[[listener]]
-listen = "127.0.0.1:19004"
-http2 = false
-[[pool]]
-name = "blue"
-backends = ["127.0.0.1:19000"]
-[[route]]
-name = "all"
-hosts = ["*"]
-blue = ["blue"]
-EOF
+# sluice as in run.sh (configs.sh): every feature on (rate limit with a high quota, geo over 2
+# regions, blue-green 50/50, metrics, JSON access log to a file), or off; plain HTTP/1.1 only
+# shellcheck source=benches/load/configs.sh
+. "$ROOT/benches/load/configs.sh"
+sluice_config "$W" 127.0.0.1:19000 sluice 19005 - 19905 on
+sluice_config "$W" 127.0.0.1:19000 sluice-off 19004 - 19904 off
 
 export RUST_LOG=warn
 taskset -c 1 nginx -p "$W" -e "$W/backend.err" -c "$W/backend.conf" 2>/dev/null &

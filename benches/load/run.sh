@@ -169,115 +169,13 @@ backend back
     server s1 $BACKEND
 EOF
 
-sluice_config() { # name plain tls admin features(on|off|traced)
-	local pools routes extra access
-	if [ "$5" != off ]; then
-		access="$WORK/$1-access.log"
-		extra=$(
-			cat <<EOF
-[rate_limit]
-requests = 1000000000
-per = "1m"
-
-[geoip]
-database = "$WORK/geo.mmdb"
-
-[[region]]
-name = "eu-west"
-location = [53.34, -6.27]
-
-[[region]]
-name = "us-east"
-location = [39.04, -77.49]
-EOF
-		)
-		if [ "$5" = traced ]; then
-			extra="$extra
-[tracing]
-otlp_endpoint = \"http://127.0.0.1:$OTLP_SINK\"
-sample_ratio = 0.01"
-		fi
-		pools=$(
-			cat <<EOF
-[[pool]]
-name = "blue-eu"
-region = "eu-west"
-backends = ["$BACKEND"]
-
-[[pool]]
-name = "blue-us"
-region = "us-east"
-backends = ["$BACKEND"]
-
-[[pool]]
-name = "green-eu"
-region = "eu-west"
-backends = ["$BACKEND"]
-
-[[pool]]
-name = "green-us"
-region = "us-east"
-backends = ["$BACKEND"]
-EOF
-		)
-		routes='blue = ["blue-eu", "blue-us"]
-green = ["green-eu", "green-us"]
-weights = { blue = 50, green = 50 }
-sticky = "none"'
-	else
-		access=off
-		extra=""
-		pools="[[pool]]
-name = \"blue\"
-backends = [\"$BACKEND\"]"
-		routes='blue = ["blue"]'
-	fi
-	cat >"$WORK/$1.toml" <<EOF
-[server]
-threads = 1
-grace_period = "1s"
-drain_delay = "0s"
-access_log = "$access"
-
-[admin]
-listen = "127.0.0.1:$4"
-
-[limits]
-# the idle-connection scenario holds thousands of connections from one address
-max_connections_per_ip = 0
-
-[tls]
-min_version = "1.3"
-
-[[tls.cert]]
-hosts = ["localhost"]
-cert = "$WORK/cert.pem"
-key = "$WORK/key.pem"
-
-[[listener]]
-listen = "127.0.0.1:$2"
-http2 = false
-
-[[listener]]
-listen = "127.0.0.1:$3"
-tls = true
-http2 = true
-
-$extra
-
-$pools
-
-[[route]]
-name = "all"
-hosts = ["*"]
-$routes
-EOF
-}
-sluice_config sluice-off "${PLAIN[sluice-off]}" "${TLS[sluice-off]}" 18904 off
-sluice_config sluice "${PLAIN[sluice]}" "${TLS[sluice]}" 18905 on
-sluice_config sluice-base "${PLAIN[sluice-base]}" "${TLS[sluice-base]}" 18906 on
-sluice_config sluice-traced "${PLAIN[sluice-traced]}" "${TLS[sluice-traced]}" 18907 traced
-sluice_config sluice-count "${COUNT_PORT[sluice]}" 18305 18908 on
+# shellcheck source=benches/load/configs.sh
+. "$ROOT/benches/load/configs.sh"
+sluice_config "$WORK" "$BACKEND" sluice-off "${PLAIN[sluice-off]}" "${TLS[sluice-off]}" 18904 off
+sluice_config "$WORK" "$BACKEND" sluice "${PLAIN[sluice]}" "${TLS[sluice]}" 18905 on
+sluice_config "$WORK" "$BACKEND" sluice-base "${PLAIN[sluice-base]}" "${TLS[sluice-base]}" 18906 on
+sluice_config "$WORK" "$BACKEND" sluice-traced "${PLAIN[sluice-traced]}" "${TLS[sluice-traced]}" 18907 traced "$OTLP_SINK"
+sluice_config "$WORK" "$BACKEND" sluice-count "${COUNT_PORT[sluice]}" 18305 18908 on
 
 # ---- start everything ----------------------------------------------------------------------
 start() { # name command...

@@ -13,13 +13,34 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_sluice");
 
-/// A port that was free a moment ago (the OS hands out ephemeral ports round-robin, so
-/// parallel tests do not collide in practice).
+/// Test ports come from below the kernel's ephemeral range (32768-60999 by default), so neither
+/// another test's `bind(0)` nor an outgoing connection's local port can take one between the
+/// moment it is picked and the moment a server binds it; and no port is handed out twice by
+/// one test binary (its tests run in parallel threads). The start is spread by PID, for test
+/// binaries that run side by side.
+const PORT_FIRST: u32 = 20_000;
+const PORT_COUNT: u32 = 12_000;
+static PORT_NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU32> = std::sync::OnceLock::new();
+
+/// A port nothing in this test binary has been given and that was free on 127.0.0.1 (TCP)
+/// a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    port_where(|port| TcpListener::bind(("127.0.0.1", port)).is_ok())
+}
+
+/// The next port of this binary's sequence for which `free` holds.
+fn port_where(free: impl Fn(u16) -> bool) -> u16 {
+    let next = PORT_NEXT.get_or_init(|| {
+        std::sync::atomic::AtomicU32::new(std::process::id().wrapping_mul(97) % PORT_COUNT)
+    });
+    for _ in 0..PORT_COUNT {
+        let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = (PORT_FIRST + n % PORT_COUNT) as u16;
+        if free(port) {
+            return port;
+        }
+    }
+    panic!("no free port in {PORT_FIRST}..{}", PORT_FIRST + PORT_COUNT)
 }
 
 pub fn free_addr() -> SocketAddr {
@@ -169,7 +190,8 @@ impl Sluice {
         };
         let end = Instant::now() + Duration::from_secs(20);
         loop {
-            if s.admin_get("/readyz").map(|(c, _)| c) == Some(200) {
+            // The body too: a 200 from anything else on the port is not this sluice.
+            if s.admin_get("/readyz") == Some((200, "ready\n".to_string())) {
                 break;
             }
             if let Ok(Some(status)) = s.proc.child.try_wait() {
@@ -753,27 +775,21 @@ impl Drop for Dns {
     }
 }
 
-/// A UDP port that was free a moment ago (and its TCP twin, for dnsmasq's TCP listener).
+/// A port free for UDP and TCP (dnsmasq listens on both) a moment ago.
 pub fn free_udp_port() -> u16 {
-    loop {
-        let u = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
-        let port = u.local_addr().expect("addr").port();
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
+    port_where(|port| {
+        std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("127.0.0.1", port)).is_ok()
+    })
 }
 
 /// A port free on every one of `ips` (loopback addresses) a moment ago.
 pub fn free_port_on(ips: &[&str]) -> u16 {
-    loop {
-        let port = free_port();
-        if ips.iter().all(|ip| {
+    port_where(|port| {
+        ips.iter().all(|ip| {
             TcpListener::bind((ip.parse::<std::net::IpAddr>().expect("ip"), port)).is_ok()
-        }) {
-            return port;
-        }
-    }
+        })
+    })
 }
 
 /// The metric families a running sluice exports with every feature that has metrics on: fleet

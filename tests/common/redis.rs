@@ -71,6 +71,8 @@ impl Redis {
     /// A node of a Redis Cluster (joined by [`create_cluster`]).
     pub fn cluster_node(dir: &Path) -> Redis {
         let port = free_port();
+        // The cluster bus port is the client port + 10000 unless named: name a free one.
+        let bus = free_port().to_string();
         let conf = dir.join(format!("nodes-{port}.conf"));
         let conf = conf.display().to_string();
         Self::on_port(
@@ -84,6 +86,8 @@ impl Redis {
                 &conf,
                 "--cluster-node-timeout",
                 "2000",
+                "--cluster-port",
+                &bus,
             ],
         )
     }
