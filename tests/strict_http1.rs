@@ -326,6 +326,13 @@ const ROWS: &[Row] = &[
         nginx: "200 (Upgrade not passed on)",
     },
     Row {
+        name: "hop_by_hop_fields_are_not_passed_on",
+        request: b"GET / HTTP/1.1\r\nHost: t\r\nx-request-id: r\r\nConnection: keep-alive, x-private\r\nx-private: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nProxy-Authorization: Basic YTpi\r\nTE: trailers\r\nTrailer: x-t\r\nx-kept: 1\r\n\r\n",
+        status: 200,
+        backend: "GET / HTTP/1.1\r\nHost: t\r\nx-request-id: r\r\nx-kept: 1\r\n{added}\r\n",
+        nginx: "200 (passes on x-private, Proxy-Connection, Proxy-Authorization and Trailer)",
+    },
+    Row {
         name: "request_line_garbage",
         request: b"GARBAGE\r\n\r\n",
         status: 400,

@@ -128,7 +128,7 @@ for p in $PROXIES; do
 	rps=$(awk '/Requests\/sec/ { print $2 }' <<<"$out")
 	echo "== $p ($rps req/s under perf): top symbols, µs per request ([k] kernel)"
 	perf report -i "$OUT/perf-$p.data" --stdio --no-children --sort sym -F sample,sym 2>/dev/null |
-		awk -v rps="$rps" '/^ +[0-9]+ +\[/ { n = $1; $1 = ""; printf "%8.2f %s\n", n / 4999 / 3 / rps * 1e6, $0 }' | sort -rn | head -15
+		awk -v rps="$rps" '/^ +[0-9]+ +\[/ { n = $1; $1 = ""; printf "%8.2f %s\n", n / 4999 / 3 / rps * 1e6, $0 }' | sort -rn | head -15 || true # head closing the pipe early is no failure
 	perf report -i "$OUT/perf-$p.data" --stdio --no-children --sort dso -F sample,dso 2>/dev/null |
-		awk -v rps="$rps" '/^ +[0-9]+ / { n = $1; $1 = ""; printf "%8.2f %s\n", n / 4999 / 3 / rps * 1e6, $0 }' | sort -rn | head -4
+		awk -v rps="$rps" '/^ +[0-9]+ / { n = $1; $1 = ""; printf "%8.2f %s\n", n / 4999 / 3 / rps * 1e6, $0 }' | sort -rn | head -4 || true
 done | tee "$OUT/perf.txt"
