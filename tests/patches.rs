@@ -101,19 +101,32 @@ fn the_patch_set_applies_once_and_then_does_nothing() {
 fn a_patch_that_no_longer_applies_stops_the_build_and_is_named() {
     let dir = scratch();
     let patches = dir.path().join("proxy/patches/pingora-proxy");
-    let patch = std::fs::read_dir(&patches)
+    let mut all: Vec<PathBuf> = std::fs::read_dir(&patches)
         .expect("patches")
         .map(|e| e.expect("entry").path())
-        .find(|p| p.extension().is_some_and(|e| e == "patch"))
-        .expect("a pingora-proxy patch");
-    // a context line the published source does not have, as after an upgrade
+        .filter(|p| p.extension().is_some_and(|e| e == "patch"))
+        .collect();
+    all.sort();
+    let patch = all.first().expect("a pingora-proxy patch").clone();
+    // the first context line of its first hunk becomes one the published source does not
+    // have, as after an upgrade
     let text = std::fs::read_to_string(&patch).expect("read");
-    let broken = text.replacen(" use std::str;\n", " use std::str::NoSuchThing;\n", 1);
-    assert_ne!(
-        text, broken,
-        "the patch's context changed: update this test"
-    );
-    std::fs::write(&patch, broken).expect("write");
+    let mut in_hunk = false;
+    let mut broken = false;
+    let lines: Vec<String> = text
+        .lines()
+        .map(|l| {
+            in_hunk |= l.starts_with("@@");
+            if in_hunk && !broken && l.starts_with(' ') && l.trim().len() > 1 {
+                broken = true;
+                " // a line pingora does not have".to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    assert!(broken, "no context line in {}", patch.display());
+    std::fs::write(&patch, lines.join("\n") + "\n").expect("write");
 
     let out = apply(dir.path());
     assert!(!out.status.success(), "apply.sh accepted a broken patch");

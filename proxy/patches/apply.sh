@@ -4,7 +4,7 @@
 # cache, else static.crates.io), checked against its sha256, with the patches of
 # proxy/patches/<name>/ applied in order, unpacked into target/patched/<name>-<version>.
 # Does nothing when the patches have not changed since the last run. A patch that no longer
-# applies stops here, saying which one.
+# applies exactly (no fuzz: every context line must match) stops here, saying which one.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -38,7 +38,7 @@ while IFS=$'\t' read -r name version sum; do
 	fi
 	tar -xzf "$crate" -C "$tmp"
 	for p in "${patches[@]}"; do
-		if ! patch -d "$tmp/$name-$version" -p1 --forward --batch --silent <"$p" >"$tmp/patch.log" 2>&1; then
+		if ! patch -d "$tmp/$name-$version" -p1 --forward --batch --silent --fuzz=0 <"$p" >"$tmp/patch.log" 2>&1; then
 			echo "error: $(basename "$p") no longer applies to $name $version:" >&2
 			cat "$tmp/patch.log" >&2
 			echo "update the patch (or drop it if upstream has the change) in proxy/patches/$name/" >&2
