@@ -76,21 +76,20 @@ fn the_patch_set_applies_once_and_then_does_nothing() {
             stderr(&first)
         );
         // what the build compiles is what the repository's patches make: the same tree as the
-        // one cargo builds here
+        // one cargo builds here (Cargo.toml's [patch.crates-io] points at it, so it is there)
         let built = repo().join(format!("target/patched/{name}-{version}"));
-        if built.is_dir() {
-            let diff = Command::new("diff")
-                .args(["-r", "-q"])
-                .arg(&built)
-                .arg(&out)
-                .output()
-                .expect("diff");
-            assert!(
-                diff.status.success(),
-                "{}",
-                String::from_utf8_lossy(&diff.stdout)
-            );
-        }
+        let diff = Command::new("diff")
+            .args(["-r", "-q"])
+            .arg(&built)
+            .arg(&out)
+            .output()
+            .expect("diff");
+        assert!(
+            diff.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&diff.stdout),
+            String::from_utf8_lossy(&diff.stderr)
+        );
     }
     let second = apply(dir.path());
     assert!(second.status.success(), "{}", stderr(&second));
