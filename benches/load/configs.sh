@@ -1,6 +1,17 @@
 # shellcheck shell=bash
-# The sluice configs of the load benchmarks, sourced by run.sh and cpu.sh so that both measure
-# the same "every feature on" and "features off" gateways.
+# The configs of the load benchmarks, sourced by run.sh and cpu.sh so that both measure the
+# same backend, the same nginx and the same "every feature on" and "features off" sluice.
+#
+#   backend_config DIR LISTEN
+#
+# writes DIR/backend.conf: the backend every proxy forwards to, nginx with one worker answering
+# a static 23 bytes on LISTEN (pid and error log in DIR).
+#
+#   nginx_config DIR BACKEND PLAIN TLS
+#
+# writes DIR/nginx.conf: nginx as a reverse proxy with one worker and upstream keep-alive to
+# BACKEND, plain HTTP/1.1 on 127.0.0.1:PLAIN and TLS 1.3 with h2 on 127.0.0.1:TLS (certificate
+# DIR/cert.pem + DIR/key.pem; TLS "-": none).
 #
 #   sluice_config DIR BACKEND NAME PLAIN TLS ADMIN FEATURES [OTLP_PORT]
 #
@@ -11,6 +22,62 @@
 # DIR/geo.mmdb, blue-green 50/50 over four pools, JSON access log to DIR/NAME-access.log),
 # "traced" (on, plus OpenTelemetry tracing at sample ratio 0.01 to an OTLP/HTTP sink on
 # 127.0.0.1:OTLP_PORT) or "off" (one pool, no access log).
+backend_config() {
+	cat >"$1/backend.conf" <<EOT
+worker_processes 1;
+daemon off;
+user root;
+pid $1/backend.pid;
+error_log $1/backend.err warn;
+events { worker_connections 20000; }
+http {
+    access_log off;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    server {
+        listen $2 reuseport backlog=4096;
+        location / { return 200 "hello from the backend\n"; }
+    }
+}
+EOT
+}
+
+nginx_config() {
+	local dir=$1 tls_listen=""
+	if [ "$4" != - ]; then
+		tls_listen="
+        listen 127.0.0.1:$4 ssl http2 backlog=4096;
+        ssl_certificate $dir/cert.pem;
+        ssl_certificate_key $dir/key.pem;
+        ssl_protocols TLSv1.3;
+        ssl_session_tickets off;
+        http2_max_concurrent_streams 128;"
+	fi
+	cat >"$dir/nginx.conf" <<EOT
+worker_processes 1;
+daemon off;
+user root;
+pid $dir/nginx.pid;
+error_log $dir/nginx.err warn;
+worker_rlimit_nofile 19000;
+events { worker_connections 15000; }
+http {
+    access_log off;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    upstream backend { server $2; keepalive 128; }
+    server {
+        listen 127.0.0.1:$3 backlog=4096;$tls_listen
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOT
+}
+
 sluice_config() {
 	local dir=$1 backend=$2 name=$3 plain=$4 tls=$5 admin=$6 features=$7 otlp=${8:-}
 	local pools routes extra access tls_section="" tls_listener=""
@@ -40,28 +107,12 @@ EOT
 otlp_endpoint = \"http://127.0.0.1:$otlp\"
 sample_ratio = 0.01"
 		fi
+		# two colors, each with a pool in each region (the trailing blank line goes with $(...))
 		pools=$(
-			cat <<EOT
-[[pool]]
-name = "blue-eu"
-region = "eu-west"
-backends = ["$backend"]
-
-[[pool]]
-name = "blue-us"
-region = "us-east"
-backends = ["$backend"]
-
-[[pool]]
-name = "green-eu"
-region = "eu-west"
-backends = ["$backend"]
-
-[[pool]]
-name = "green-us"
-region = "us-east"
-backends = ["$backend"]
-EOT
+			for p in blue-eu:eu-west blue-us:us-east green-eu:eu-west green-us:us-east; do
+				printf '[[pool]]\nname = "%s"\nregion = "%s"\nbackends = ["%s"]\n\n' \
+					"${p%%:*}" "${p#*:}" "$backend"
+			done
 		)
 		routes='blue = ["blue-eu", "blue-us"]
 green = ["green-eu", "green-us"]

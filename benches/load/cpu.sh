@@ -43,31 +43,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cat >"$W/backend.conf" <<EOF
-worker_processes 1; daemon off; user root; pid $W/backend.pid; error_log $W/backend.err warn;
-events { worker_connections 20000; }
-http {
-    access_log off; keepalive_requests 10000000; keepalive_timeout 300s;
-    server { listen 127.0.0.1:19000 reuseport backlog=4096; location / { return 200 "hello from the backend\n"; } }
-}
-EOF
-cat >"$W/nginx.conf" <<EOF
-worker_processes 1; daemon off; user root; pid $W/nginx.pid; error_log $W/nginx.err warn;
-events { worker_connections 15000; }
-http {
-    access_log off; keepalive_requests 10000000; keepalive_timeout 300s;
-    upstream backend { server 127.0.0.1:19000; keepalive 128; }
-    server {
-        listen 127.0.0.1:19001 backlog=4096;
-        location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
-    }
-}
-EOF
-"$BIN" geoip-build-demo --out "$W/geo.mmdb" >/dev/null
-# sluice as in run.sh (configs.sh): every feature on (rate limit with a high quota, geo over 2
-# regions, blue-green 50/50, metrics, JSON access log to a file), or off; plain HTTP/1.1 only
+# the backend and nginx as in run.sh (configs.sh); plain HTTP/1.1 only
 # shellcheck source=benches/load/configs.sh
 . "$ROOT/benches/load/configs.sh"
+backend_config "$W" 127.0.0.1:19000
+nginx_config "$W" 127.0.0.1:19000 19001 -
+"$BIN" geoip-build-demo --out "$W/geo.mmdb" >/dev/null
+# sluice as in run.sh: every feature on (rate limit with a high quota, geo over 2 regions,
+# blue-green 50/50, metrics, JSON access log to a file), or off; plain HTTP/1.1 only
 sluice_config "$W" 127.0.0.1:19000 sluice 19005 - 19905 on
 sluice_config "$W" 127.0.0.1:19000 sluice-off 19004 - 19904 off
 

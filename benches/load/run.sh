@@ -98,53 +98,10 @@ done
 cat "$WORK/cert.pem" "$WORK/key.pem" >"$WORK/haproxy.pem"
 "$BIN" geoip-build-demo --out "$WORK/geo.mmdb" >/dev/null
 
-cat >"$WORK/backend.conf" <<EOF
-worker_processes 1;
-daemon off;
-user root;
-pid $WORK/backend.pid;
-error_log $WORK/backend.err warn;
-events { worker_connections 20000; }
-http {
-    access_log off;
-    keepalive_requests 10000000;
-    keepalive_timeout 300s;
-    server {
-        listen $BACKEND reuseport backlog=4096;
-        location / { return 200 "hello from the backend\n"; }
-    }
-}
-EOF
-
-cat >"$WORK/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-user root;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx.err warn;
-worker_rlimit_nofile 19000;
-events { worker_connections 15000; }
-http {
-    access_log off;
-    keepalive_requests 10000000;
-    keepalive_timeout 300s;
-    upstream backend { server $BACKEND; keepalive 128; }
-    server {
-        listen 127.0.0.1:${PLAIN[nginx]} backlog=4096;
-        listen 127.0.0.1:${TLS[nginx]} ssl http2 backlog=4096;
-        ssl_certificate $WORK/cert.pem;
-        ssl_certificate_key $WORK/key.pem;
-        ssl_protocols TLSv1.3;
-        ssl_session_tickets off;
-        http2_max_concurrent_streams 128;
-        location / {
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-}
-EOF
+# shellcheck source=benches/load/configs.sh
+. "$ROOT/benches/load/configs.sh"
+backend_config "$WORK" "$BACKEND"
+nginx_config "$WORK" "$BACKEND" "${PLAIN[nginx]}" "${TLS[nginx]}"
 
 cat >"$WORK/haproxy.cfg" <<EOF
 global
@@ -169,8 +126,6 @@ backend back
     server s1 $BACKEND
 EOF
 
-# shellcheck source=benches/load/configs.sh
-. "$ROOT/benches/load/configs.sh"
 sluice_config "$WORK" "$BACKEND" sluice-off "${PLAIN[sluice-off]}" "${TLS[sluice-off]}" 18904 off
 sluice_config "$WORK" "$BACKEND" sluice "${PLAIN[sluice]}" "${TLS[sluice]}" 18905 on
 sluice_config "$WORK" "$BACKEND" sluice-base "${PLAIN[sluice-base]}" "${TLS[sluice-base]}" 18906 on
