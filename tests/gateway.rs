@@ -184,6 +184,92 @@ fn h2c_prior_knowledge() {
     });
 }
 
+/// A backend that takes connections, reads one request on each and never answers; each
+/// connection's request is reported on `got`, then whether sluice closed that connection
+/// within 3 s on `closed`.
+fn silent_backend() -> (
+    SocketAddr,
+    std::sync::mpsc::Receiver<()>,
+    std::sync::mpsc::Receiver<bool>,
+) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (got_tx, got) = std::sync::mpsc::channel();
+    let (closed_tx, closed) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let (got_tx, closed_tx) = (got_tx.clone(), closed_tx.clone());
+            std::thread::spawn(move || {
+                use std::io::Read;
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while complete_request(&head).is_none() {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = got_tx.send(());
+                let _ = closed_tx.send(closed_within(&mut conn, std::time::Duration::from_secs(3)));
+            });
+        }
+    });
+    (addr, got, closed)
+}
+
+/// A client that goes away while its request (without a body) waits for a slow backend makes
+/// sluice drop the upstream request at once, not after the pool's 30 s read timeout: over
+/// HTTP/1.1 the client closes its connection, over h2 it resets the stream. (pingora-proxy
+/// patch 0003 answers such requests without the duplex loops; it keeps watching the client.)
+#[test]
+fn a_client_that_goes_away_ends_its_upstream_request() {
+    use std::io::Write;
+    let dir = tempdir();
+    let (backend, got, closed) = silent_backend();
+    let pool =
+        one_pool(&[backend], "").replace(r#"read_timeout = "5s""#, r#"read_timeout = "30s""#);
+    let s = gateway(dir.path(), &pool);
+    let wait = std::time::Duration::from_secs(10);
+
+    let mut c = std::net::TcpStream::connect(s.plain).expect("connect");
+    c.write_all(b"GET /slow HTTP/1.1\r\nHost: test\r\n\r\n")
+        .expect("write");
+    got.recv_timeout(wait)
+        .expect("the request reached the backend");
+    drop(c);
+    assert_eq!(
+        closed.recv_timeout(wait),
+        Ok(true),
+        "HTTP/1.1: the upstream connection outlived its client by 3 s"
+    );
+
+    runtime().block_on(async {
+        let h2 = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .build()
+            .expect("client");
+        let url = format!("http://{}/slow", s.plain);
+        let client = h2.clone();
+        let request = tokio::spawn(async move { client.get(url).send().await.map(|r| r.status()) });
+        tokio::task::spawn_blocking(move || got.recv_timeout(wait))
+            .await
+            .expect("join")
+            .expect("the h2 request reached the backend");
+        // dropping the request's future resets its stream; the connection stays open
+        request.abort();
+        let closed = tokio::task::spawn_blocking(move || closed.recv_timeout(wait))
+            .await
+            .expect("join");
+        assert_eq!(
+            closed,
+            Ok(true),
+            "h2: the upstream connection outlived its client's stream by 3 s"
+        );
+        drop(h2);
+    });
+}
+
 /// Over TLS, a client quiet for longer than the edge's quiet time (20 ms: the connection then
 /// frees its head buffer and waits for one byte of plaintext without it) is served whole
 /// requests, twice on one kept-alive connection, each head split by pauses.
