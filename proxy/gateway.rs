@@ -306,10 +306,6 @@ fn edit_response<R>(
     r
 }
 
-/// Headers sluice may add to a request (`X-Forwarded-*`, `X-Request-Id`, `Host`, trace
-/// context) or a response (`X-Request-Id`, HSTS, region, cookie).
-const ADDED_HEADERS: usize = 6;
-
 fn trim(mut v: &[u8]) -> &[u8] {
     while let [b' ' | b'\t', rest @ ..] = v {
         v = rest;
@@ -654,9 +650,14 @@ impl ProxyHttp for Gateway {
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
         }
         .filter(|h| !h.is_empty());
+        // room for exactly what is added here and by the trace context (`traceparent`,
+        // `tracestate`): a reserve beyond that can move a map that had room into a table twice
+        // its size, every entry hashed again (see response_filter)
+        let tracing = usize::from(self.shared.tracing.is_some() && ctx.trace.is_some());
+        let added = usize::from(xff.is_some()) + 2 * usize::from(host.is_some()) + 2 + 2 * tracing;
         edit_request(upstream, |p| {
             let h = &mut p.headers;
-            h.reserve(ADDED_HEADERS);
+            h.reserve(added);
             if let Some(xff) = xff {
                 h.try_insert(X_FORWARDED_FOR, xff)?;
             }
@@ -694,9 +695,16 @@ impl ProxyHttp for Gateway {
             .map(HeaderValue::try_from)
             .transpose()
             .explain_err(ErrorType::InvalidHTTPHeader, |_| "set-cookie")?;
+        let geo = ctx.snap.as_deref().and_then(|s| s.geo_header.as_deref());
+        // exactly what is added: a backend's 8-field response (nginx's) is parsed into a map
+        // with room for 12, which a reserve of 6 doubled for every request
+        let added = usize::from(hsts.is_some())
+            + usize::from(cookie.is_some())
+            + 1
+            + usize::from(geo.is_some());
         edit_response(resp, |p| {
             let h = &mut p.headers;
-            h.reserve(ADDED_HEADERS);
+            h.reserve(added);
             if let Some(v) = hsts {
                 h.try_insert(http::header::STRICT_TRANSPORT_SECURITY, v.clone())?;
             }
@@ -712,7 +720,7 @@ impl ProxyHttp for Gateway {
             "too many response headers"
         })?;
         // a debugging aid, off in production: the name is parsed here
-        if let Some(name) = ctx.snap.as_deref().and_then(|s| s.geo_header.as_deref()) {
+        if let Some(name) = geo {
             if let Some(region) = ctx.region() {
                 resp.insert_header(name.to_string(), region)?;
             }
