@@ -122,3 +122,100 @@ blue = ["p"]
         "listeners must keep serving during the drain delay"
     );
 }
+
+/// A keep-alive connection waiting for its next request is closed when the drain delay ends,
+/// while a request in flight still runs: idle clients do not hold the process until it exits.
+/// One connection has been quiet for a while, the other made a request just before SIGTERM
+/// (so it is still in its first moments of waiting when the shutdown begins).
+#[test]
+fn idle_keep_alive_connections_are_closed_when_the_drain_ends() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    let dir = tempdir();
+    let backend = Backend::start(dir.path(), "b1");
+    let listen = free_addr();
+    let config = format!(
+        r#"
+[server]
+threads = 1
+grace_period = "8s"
+drain_delay = "0s"
+[admin]
+listen = "{{admin}}"
+[[listener]]
+listen = "{listen}"
+[[pool]]
+name = "p"
+backends = ["{}"]
+[[route]]
+name = "all"
+hosts = ["*"]
+blue = ["p"]
+"#,
+        backend.addr
+    );
+    let mut s = Sluice::start(dir.path(), &config);
+    // one request and its whole answer (the demo backend answers with a content-length)
+    let request = |c: &mut TcpStream| {
+        c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .expect("write");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.windows(6).any(|w| w == b"\r\n\r\nb1") {
+            let n = c.read(&mut buf).expect("read");
+            assert!(
+                n > 0,
+                "closed before the answer: {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
+    };
+    let mut quiet = TcpStream::connect(listen).expect("connect");
+    request(&mut quiet);
+    request(&mut quiet);
+    let mut busy = TcpStream::connect(listen).expect("connect");
+    request(&mut busy);
+    let slow = std::thread::spawn(move || {
+        let mut c = TcpStream::connect(listen).expect("connect");
+        c.write_all(b"GET /_demo/sleep?ms=5000 HTTP/1.1\r\nhost: x\r\n\r\n")
+            .expect("write");
+        let mut got = Vec::new();
+        let _ = c.read_to_end(&mut got);
+        got
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    request(&mut busy);
+    let sent = Instant::now();
+    s.proc.signal(libc::SIGTERM);
+
+    for (name, c) in [("quiet", &mut quiet), ("busy", &mut busy)] {
+        c.set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("timeout");
+        let mut buf = [0u8; 64];
+        let n = c.read(&mut buf);
+        assert!(
+            matches!(n, Ok(0))
+                || n.as_ref()
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "the {name} connection was not closed: {n:?} after {:?}",
+            sent.elapsed()
+        );
+    }
+    assert!(
+        sent.elapsed() < Duration::from_secs(3),
+        "idle connections closed only after {:?}",
+        sent.elapsed()
+    );
+    assert_eq!(s.proc.child.try_wait().ok().flatten(), None, "exited early");
+    // the request in flight completes, then the process exits
+    let got = slow.join().expect("join");
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert_eq!(s.proc.wait_exit(Duration::from_secs(10)), Some(0));
+}

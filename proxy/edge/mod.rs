@@ -122,7 +122,9 @@ const HEAD_BUF: usize = 2048;
 ///   clients hold none;
 /// - its head buffer ([`HEAD_BUF`]): a busy connection reads its next head straight into it; a
 ///   quiet one frees it and waits for one byte without it (one more read when it wakes up), so
-///   an idle keep-alive connection holds no buffer.
+///   an idle keep-alive connection holds no buffer;
+/// - no watch for a shutdown: a busy connection's next request is answered with
+///   `connection: close` once the shutdown began; a quiet one is closed at once.
 const QUIET: Duration = Duration::from_millis(20);
 
 /// One listener's runtime handles.
@@ -349,11 +351,16 @@ async fn read_head(
     shutdown: &mut ShutdownWatch,
 ) -> HeadWait {
     let mut buf = BytesMut::with_capacity(HEAD_BUF);
-    // the first bytes, or the end of the idle time
-    let first = tokio::select! {
-        biased;
-        r = read_first(stream, &mut buf, idle_until) => r,
-        _ = shutdown.changed() => return HeadWait::Close,
+    // the first bytes, or the end of the idle time; a shutdown is watched for only once the
+    // connection is quiet: a busy one's next request comes sooner (and is told to close, see
+    // `serve_h1`), and the watch is a waiter pushed and popped under a lock per request
+    let first = match read_busy(stream, &mut buf, idle_until).await {
+        Some(r) => r,
+        None => tokio::select! {
+            biased;
+            r = read_quiet(stream, &mut buf, idle_until) => r,
+            _ = shutdown.changed() => return HeadWait::Close,
+        },
     };
     match first {
         Ok(Ok(n)) if n > 0 => {}
@@ -406,22 +413,34 @@ async fn read_head(
     }
 }
 
-/// The first bytes of the next request head, by `idle_until`, into `buf`. Once the client has
-/// been quiet for [`QUIET`], the upstream connection this task kept (if any) goes to the shared
-/// pool and `buf` is freed until the next byte comes. (Reading is cancel-safe: a read cut off by
-/// the timer took no bytes.)
-async fn read_first(
+/// What [`read_busy`] and [`read_quiet`] read: the bytes read, or the idle time over.
+type FirstRead = Result<std::io::Result<usize>, tokio::time::error::Elapsed>;
+
+/// The first bytes of the next request head into `buf`, if they come within [`QUIET`] (and
+/// before `idle_until`); `None` once the client has been quiet that long, after the upstream
+/// connection this task kept (if any) went to the shared pool. (Reading is cancel-safe: a read
+/// cut off by the timer took no bytes.)
+async fn read_busy(
     stream: &mut Stream,
     buf: &mut BytesMut,
     idle_until: Instant,
-) -> Result<std::io::Result<usize>, tokio::time::error::Elapsed> {
+) -> Option<FirstRead> {
     let quiet = Instant::now() + QUIET;
-    if quiet < idle_until {
-        match tokio::time::timeout_at(quiet, stream.read_buf(buf)).await {
-            Err(_) => pingora::connectors::bound::release(),
-            read => return read,
-        }
+    if quiet >= idle_until {
+        return None;
     }
+    match tokio::time::timeout_at(quiet, stream.read_buf(buf)).await {
+        Err(_) => {
+            pingora::connectors::bound::release();
+            None
+        }
+        read => Some(read),
+    }
+}
+
+/// The first bytes of the next request head of a quiet client, by `idle_until`: `buf` is freed
+/// until the next byte comes.
+async fn read_quiet(stream: &mut Stream, buf: &mut BytesMut, idle_until: Instant) -> FirstRead {
     *buf = BytesMut::new();
     let mut first = [0u8; 1];
     let read = tokio::time::timeout_at(idle_until, stream.read(&mut first)).await?;
