@@ -1228,3 +1228,75 @@ fn access_log_rotated_under_load_every_request_once() {
     }
     assert_eq!(seen.len(), sent.len());
 }
+
+/// More requests in flight at once than pingora's default idle pool (128), each on its own
+/// client connection: once answered, their upstream connections are all kept, so a second
+/// burst like the first reuses them instead of opening new ones (the demo backend numbers the
+/// connections it accepts in `x-connection-id`).
+#[test]
+fn a_burst_of_requests_keeps_its_upstream_connections_for_the_next() {
+    const BURST: usize = 240; // under the default 256 connections per client IP
+    let dir = tempdir();
+    let backend = Backend::start(dir.path(), "b1");
+    let listen = free_addr();
+    let config = format!(
+        r#"
+[server]
+threads = 1
+[admin]
+listen = "{{admin}}"
+[[listener]]
+listen = "{listen}"
+[[pool]]
+name = "p"
+backends = ["{}"]
+[[route]]
+name = "all"
+hosts = ["*"]
+blue = ["p"]
+"#,
+        backend.addr
+    );
+    let _s = Sluice::start(dir.path(), &config);
+    let rt = runtime();
+    let c = client(None);
+    let burst = || {
+        let c = c.clone();
+        rt.block_on(async move {
+            let all = (0..BURST).map(|_| {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let r = c
+                        .get(format!("http://{listen}/_demo/sleep?ms=500"))
+                        .send()
+                        .await
+                        .expect("request");
+                    assert_eq!(r.status(), 200);
+                    r.headers()
+                        .get("x-connection-id")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .expect("x-connection-id")
+                })
+            });
+            let mut ids = std::collections::HashSet::new();
+            for t in all.collect::<Vec<_>>() {
+                ids.insert(t.await.expect("join"));
+            }
+            ids
+        })
+    };
+    let first = burst();
+    assert!(
+        first.len() > 128,
+        "the first burst was not concurrent enough: {} upstream connections",
+        first.len()
+    );
+    let second = burst();
+    let new = second.difference(&first).count();
+    assert!(
+        new <= BURST / 10,
+        "the second burst opened {new} new upstream connections (the first used {})",
+        first.len()
+    );
+}

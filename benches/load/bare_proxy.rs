@@ -49,6 +49,10 @@ pub fn run(o: Options) -> Result<(), String> {
         threads: o.threads,
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(1),
+        // the idle upstream pool sluice keeps (server::UPSTREAM_POOL_PER_THREAD) and nginx is
+        // given in make bench: with pingora's 128, h2's 640 streams in flight would churn
+        // upstream connections here and not there
+        upstream_keepalive_pool_size: 1024,
         pid_file: std::env::temp_dir()
             .join(format!("sluice-bare-{}.pid", std::process::id()))
             .display()

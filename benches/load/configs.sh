@@ -65,7 +65,8 @@ http {
     access_log off;
     keepalive_requests 10000000;
     keepalive_timeout 300s;
-    upstream backend { server $2; keepalive 128; }
+    # the idle upstream pool sluice and the bare pingora proxy keep per worker
+    upstream backend { server $2; keepalive 1024; }
     server {
         listen 127.0.0.1:$3 backlog=4096;$tls_listen
         location / {
