@@ -186,7 +186,12 @@ blue = ["p"]
         let _ = c.read_to_end(&mut got);
         got
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // the slow request is in flight before the shutdown begins
+    assert!(
+        wait_until(Duration::from_secs(5), || s.status()["inflight"].as_u64()
+            == Some(1)),
+        "the slow request did not arrive"
+    );
     request(&mut busy);
     let sent = Instant::now();
     s.proc.signal(libc::SIGTERM);
