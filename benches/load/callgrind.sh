@@ -11,6 +11,12 @@
 #   CG_H2=1 benches/load/callgrind.sh BIN [N]    sluice, over TLS 1.3 + HTTP/2 (h2load -m 10) as in
 #                                                `make bench`'s h2tls scenario (sluice only)
 #
+#   CG_TOOL=dhat benches/load/callgrind.sh BIN [N]
+#                                                allocations instead of instructions: the same two
+#                                                runs under valgrind's dhat, and per call site of
+#                                                the allocator, blocks per request (with N - with
+#                                                0) / N, by benches/load/dhat_sites.py
+#
 # BIN should have symbols and no LTO (`cargo build --profile profiling`). The callgrind files
 # stay in CG_OUT (default /tmp/sluice-callgrind) for callgrind_annotate --inclusive=yes.
 set -euo pipefail
@@ -18,6 +24,12 @@ BIN=$(realpath "$1")
 N=${2:-2000}
 OUT=${CG_OUT:-/tmp/sluice-callgrind}
 PROXY=${CG_PROXY:-sluice}
+TOOL=${CG_TOOL:-callgrind}
+case "$TOOL" in
+callgrind) EXT=out ;;
+dhat) EXT=dhat ;;
+*) echo "CG_TOOL is callgrind or dhat" >&2; exit 1 ;;
+esac
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 mkdir -p "$OUT"
 command -v valgrind >/dev/null || { echo "valgrind missing" >&2; exit 1; }
@@ -95,7 +107,7 @@ EOF
 			cmd=("$BIN" bench bare-proxy --listen "127.0.0.1:$port" --upstream "127.0.0.1:$BACKEND")
 		fi
 	fi
-	RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$OUT/$PROXY-$n.out" "${cmd[@]}" \
+	RUST_LOG=warn valgrind --tool="$TOOL" "--$TOOL-out-file=$OUT/$PROXY-$n.$EXT" "${cmd[@]}" \
 		>"$OUT/$PROXY-$n.log" 2>&1 &
 	pid=$!
 	wait_port "$port"
@@ -111,10 +123,16 @@ EOF
 	fi
 	kill -TERM "$pid"
 	wait "$pid" || true
-	awk '/^summary:|^totals:/ {print $2; exit}' "$OUT/$PROXY-$n.out"
+	if [ "$TOOL" = callgrind ]; then
+		awk '/^summary:|^totals:/ {print $2; exit}' "$OUT/$PROXY-$n.out"
+	fi
 }
 
 base=$(one 0)
 full=$(one "$N")
+if [ "$TOOL" = dhat ]; then
+	python3 "$ROOT/benches/load/dhat_sites.py" "$OUT/$PROXY-0.dhat" "$OUT/$PROXY-$N.dhat" "$N"
+	exit 0
+fi
 echo "$PROXY: $(( (full - base) / N )) instructions per request (totals $base with 0, $full with $N)"
 echo "profile: callgrind_annotate --inclusive=yes $OUT/$PROXY-$N.out"
