@@ -981,8 +981,8 @@ fn busy_client_connections_keep_their_upstream_connection_until_quiet() {
 /// An idle h2 client connection holds no upstream connection: after its streams are done, while
 /// it stays open, as many plain clients at once as it used upstream connections all find them in
 /// the shared pool and open none. (A guard for any scheme that lets h2 streams keep upstream
-/// connections between them, as pingora patch 0005 did: it failed when that patch never gave
-/// them back.)
+/// connections between them, as a pingora patch tried and reverted in 8fafb6a did: it failed
+/// when that patch never gave them back.)
 #[test]
 fn an_idle_h2_connection_gives_its_upstream_connections_back() {
     let dir = tempdir();
@@ -1298,5 +1298,71 @@ blue = ["p"]
         new <= BURST / 10,
         "the second burst opened {new} new upstream connections (the first used {})",
         first.len()
+    );
+}
+
+/// An upstream connection an h2 stream released goes to the shared pool's idle watch once quiet
+/// (pingora patch 0005 first keeps it on the connector's stack, unwatched, for the next request):
+/// a backend that half-closes its idle keep-alive connection 300 ms after answering sees sluice
+/// close its side, while the h2 client stays connected. Fails when the stack is never swept.
+#[test]
+fn an_upstream_connection_h2_released_is_watched_once_quiet() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = std::sync::mpsc::channel::<bool>();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if !head.starts_with(b"GET /watched ") {
+                    // anything else (a health check) gets its answer and the close
+                    let _ = conn.write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                    );
+                    return;
+                }
+                conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .expect("answer");
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                conn.shutdown(std::net::Shutdown::Write)
+                    .expect("half-close");
+                conn.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                    .expect("timeout");
+                // sluice's side closes (0) once its idle watch sees the half-close
+                let _ = tx.send(matches!(conn.read(&mut buf), Ok(0)));
+            });
+        }
+    });
+    let dir = tempdir();
+    let s = gateway(dir.path(), &one_pool(&[addr], ""));
+    let h2 = s.tls_client(false);
+    let rt = runtime();
+    rt.block_on(async {
+        let r = h2
+            .get(s.tls_url("/watched"))
+            .send()
+            .await
+            .expect("h2 request");
+        assert_eq!(r.version(), Version::HTTP_2);
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.expect("body"), "ok");
+    });
+    // the h2 connection stays open (`h2` and `rt` live on) while the backend waits
+    let closed = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the backend saw the request");
+    assert!(
+        closed,
+        "sluice kept the half-closed upstream connection open"
     );
 }
