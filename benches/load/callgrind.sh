@@ -17,7 +17,7 @@
 #                                                the allocator, blocks per request (with N - with
 #                                                0) / N, by benches/load/dhat_sites.py
 #
-# BIN should have symbols and no LTO (`cargo build --profile profiling`). The callgrind files
+# BIN should have symbols and no LTO (`cargo build --profile profiling`). The callgrind (or dhat) files
 # stay in CG_OUT (default /tmp/sluice-callgrind) for callgrind_annotate --inclusive=yes.
 set -euo pipefail
 BIN=$(realpath "$1")
