@@ -1240,22 +1240,8 @@ fn a_burst_of_requests_keeps_its_upstream_connections_for_the_next() {
     let backend = Backend::start(dir.path(), "b1");
     let listen = free_addr();
     let config = format!(
-        r#"
-[server]
-threads = 1
-[admin]
-listen = "{{admin}}"
-[[listener]]
-listen = "{listen}"
-[[pool]]
-name = "p"
-backends = ["{}"]
-[[route]]
-name = "all"
-hosts = ["*"]
-blue = ["p"]
-"#,
-        backend.addr
+        "[server]\nthreads = 1\n[admin]\nlisten = \"{{admin}}\"\n[[listener]]\nlisten = \"{listen}\"\n{}",
+        one_pool(&[backend.addr], "")
     );
     let _s = Sluice::start(dir.path(), &config);
     let rt = runtime();
@@ -1318,7 +1304,7 @@ fn an_upstream_connection_h2_released_is_watched_once_quiet() {
             std::thread::spawn(move || {
                 let mut head = Vec::new();
                 let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                while complete_request(&head).is_none() {
                     match conn.read(&mut buf) {
                         Ok(0) | Err(_) => return,
                         Ok(n) => head.extend_from_slice(&buf[..n]),

@@ -10,30 +10,37 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-#[test]
-fn sigterm_drains_then_finishes_in_flight_requests_and_exits_zero() {
-    let dir = tempdir();
-    let backend = Backend::start(dir.path(), "b1");
-    let listen = free_addr();
-    let config = format!(
+/// One plain listener on `listen` and one pool of `backend` under a catch-all route, with the
+/// `[server]` keys `server`.
+fn config(server: &str, listen: std::net::SocketAddr, backend: std::net::SocketAddr) -> String {
+    format!(
         r#"
 [server]
-threads = 2
-grace_period = "6s"
-drain_delay = "1s"
+{server}
 [admin]
 listen = "{{admin}}"
 [[listener]]
 listen = "{listen}"
 [[pool]]
 name = "p"
-backends = ["{}"]
+backends = ["{backend}"]
 [[route]]
 name = "all"
 hosts = ["*"]
 blue = ["p"]
-"#,
-        backend.addr
+"#
+    )
+}
+
+#[test]
+fn sigterm_drains_then_finishes_in_flight_requests_and_exits_zero() {
+    let dir = tempdir();
+    let backend = Backend::start(dir.path(), "b1");
+    let listen = free_addr();
+    let config = config(
+        "threads = 2\ngrace_period = \"6s\"\ndrain_delay = \"1s\"",
+        listen,
+        backend.addr,
     );
     let mut s = Sluice::start(dir.path(), &config);
     let rt = runtime();
@@ -135,25 +142,10 @@ fn idle_keep_alive_connections_are_closed_when_the_drain_ends() {
     let dir = tempdir();
     let backend = Backend::start(dir.path(), "b1");
     let listen = free_addr();
-    let config = format!(
-        r#"
-[server]
-threads = 1
-grace_period = "8s"
-drain_delay = "0s"
-[admin]
-listen = "{{admin}}"
-[[listener]]
-listen = "{listen}"
-[[pool]]
-name = "p"
-backends = ["{}"]
-[[route]]
-name = "all"
-hosts = ["*"]
-blue = ["p"]
-"#,
-        backend.addr
+    let config = config(
+        "threads = 1\ngrace_period = \"8s\"\ndrain_delay = \"0s\"",
+        listen,
+        backend.addr,
     );
     let mut s = Sluice::start(dir.path(), &config);
     // one request and its whole answer (common's reader: status, head, content-length body)
