@@ -184,6 +184,72 @@ fn h2c_prior_knowledge() {
     });
 }
 
+/// An HTTP/1.1 backend's answer carries every connection-specific field; an h2 client gets it
+/// without them (RFC 9113 section 8.2.2: the `h2` crate refuses to send a response that has
+/// one, so a field left in fails the request), with its body whole. pingora-core patch 0006
+/// finds them in one pass instead of five removals by name.
+#[test]
+fn h2_answers_lose_the_h1_connection_fields() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let backend = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(n) = complete_request(&buf) {
+                        buf.drain(..n);
+                        let answer = b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\n\
+                            Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\n\
+                            Upgrade: h2c\r\nTransfer-Encoding: chunked\r\n\
+                            x-kept: yes\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+                        if conn.write_all(answer).is_err() {
+                            return;
+                        }
+                    }
+                    match conn.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    let dir = tempdir();
+    let s = gateway(dir.path(), &one_pool(&[backend], ""));
+    runtime().block_on(async {
+        let c = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .build()
+            .expect("client");
+        for _ in 0..3 {
+            let r = c
+                .get(format!("http://{}/", s.plain))
+                .send()
+                .await
+                .expect("request");
+            assert_eq!((r.status().as_u16(), r.version()), (200, Version::HTTP_2));
+            for name in [
+                "connection",
+                "keep-alive",
+                "proxy-connection",
+                "upgrade",
+                "transfer-encoding",
+            ] {
+                assert!(r.headers().get(name).is_none(), "{name} reached the client");
+            }
+            assert_eq!(
+                r.headers().get("x-kept").map(|v| v.as_bytes()),
+                Some(&b"yes"[..])
+            );
+            assert_eq!(r.text().await.expect("body"), "hello");
+        }
+    });
+}
+
 /// A backend that takes connections, reads one request on each and never answers; each
 /// connection's request is reported on `got`, then whether sluice closed that connection
 /// within 3 s on `closed`.
