@@ -604,7 +604,8 @@ impl ProxyHttp for Gateway {
         // its size, every entry hashed again (see response_filter)
         let tracing = usize::from(self.shared.tracing.is_some() && ctx.trace.is_some());
         let added = usize::from(xff.is_some()) + 2 * usize::from(host.is_some()) + 2 + 2 * tracing;
-        upstream.reserve_headers(added);
+        // after this reserve the inserts below cannot overflow the map (they would panic)
+        upstream.reserve_headers(added)?;
         // prebuilt names go in as they are (pingora-http patch 0002: no case map, no parsing)
         if let Some(xff) = xff {
             upstream.insert_header(X_FORWARDED_FOR, xff)?;
@@ -649,7 +650,7 @@ impl ProxyHttp for Gateway {
                 + usize::from(cookie.is_some())
                 + 1
                 + usize::from(geo.is_some()),
-        );
+        )?;
         if let Some(v) = hsts {
             resp.insert_header(http::header::STRICT_TRANSPORT_SECURITY, v.clone())?;
         }
@@ -837,7 +838,7 @@ mod tests {
 
     /// What the hooks add goes on as they name it, next to what the client sent, on heads
     /// parsed the way edge parses them (no case map) and on ones that keep case; nothing else
-    /// of the head changes (pingora-http patch 0001 takes a `HeaderName` as it is).
+    /// of the head changes (pingora-http patch 0002 takes a `HeaderName` as it is).
     #[test]
     fn added_fields_keep_the_rest_of_the_head() {
         let wire = |r: &RequestHeader| {
@@ -892,6 +893,21 @@ mod tests {
             &b[..],
             b"x-backend-thing: 1\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n"
         );
+    }
+
+    /// A head whose map is full refuses the reserve with an error, so the hooks answer an
+    /// error instead of panicking in `insert_header` (the request-side reserve of pingora-http
+    /// patch 0003).
+    #[test]
+    fn a_full_head_refuses_more_fields_with_an_error() {
+        let mut req = RequestHeader::build_no_case("GET", b"/", None).expect("req");
+        let mut n = 0u32;
+        while req.append_header(format!("x-f{n}"), "v").is_ok() {
+            n += 1;
+            assert!(n < 40_000, "the map never filled up");
+        }
+        assert!(req.reserve_headers(1).is_err());
+        assert!(req.reserve_headers(0).is_ok());
     }
 
     #[test]
