@@ -190,36 +190,13 @@ fn h2c_prior_knowledge() {
 /// finds them in one pass instead of five removals by name.
 #[test]
 fn h2_answers_lose_the_h1_connection_fields() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let backend = listener.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            std::thread::spawn(move || {
-                use std::io::{Read, Write};
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    while let Some(n) = complete_request(&buf) {
-                        buf.drain(..n);
-                        let answer = b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\n\
-                            Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\n\
-                            Upgrade: h2c\r\nTransfer-Encoding: chunked\r\n\
-                            x-kept: yes\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
-                        if conn.write_all(answer).is_err() {
-                            return;
-                        }
-                    }
-                    match conn.read(&mut chunk) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-            });
-        }
-    });
+    let backend = RawBackend::answering(
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
+          Proxy-Connection: keep-alive\r\nUpgrade: h2c\r\nTransfer-Encoding: chunked\r\n\
+          x-kept: yes\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    );
     let dir = tempdir();
-    let s = gateway(dir.path(), &one_pool(&[backend], ""));
+    let s = gateway(dir.path(), &one_pool(&[backend.addr], ""));
     runtime().block_on(async {
         let c = reqwest::Client::builder()
             .http2_prior_knowledge()
@@ -267,14 +244,8 @@ fn silent_backend() -> (
             let Ok(mut conn) = conn else { return };
             let (got_tx, closed_tx) = (got_tx.clone(), closed_tx.clone());
             std::thread::spawn(move || {
-                use std::io::Read;
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while complete_request(&head).is_none() {
-                    match conn.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
+                if read_request(&mut conn).is_none() {
+                    return;
                 }
                 let _ = got_tx.send(());
                 let _ = closed_tx.send(closed_within(&mut conn, std::time::Duration::from_secs(3)));
@@ -1368,14 +1339,9 @@ fn an_upstream_connection_h2_released_is_watched_once_quiet() {
             let Ok(mut conn) = conn else { return };
             let tx = tx.clone();
             std::thread::spawn(move || {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while complete_request(&head).is_none() {
-                    match conn.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
+                let Some(head) = read_request(&mut conn) else {
+                    return;
+                };
                 if !head.starts_with(b"GET /watched ") {
                     // anything else (a health check) gets its answer and the close
                     let _ = conn.write_all(
@@ -1391,7 +1357,7 @@ fn an_upstream_connection_h2_released_is_watched_once_quiet() {
                 conn.set_read_timeout(Some(std::time::Duration::from_secs(5)))
                     .expect("timeout");
                 // sluice's side closes (0) once its idle watch sees the half-close
-                let _ = tx.send(matches!(conn.read(&mut buf), Ok(0)));
+                let _ = tx.send(matches!(conn.read(&mut [0u8; 1024]), Ok(0)));
             });
         }
     });

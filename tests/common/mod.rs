@@ -475,7 +475,9 @@ pub fn write_by_rename(path: &Path, text: &str) {
 }
 
 /// A backend that records every byte it receives (all connections, in arrival order) and
-/// answers each complete request `200 ok` (with an `X-Raw-Backend: Yes` header). For asserting exactly what sluice forwards.
+/// answers each complete request `200 ok` (with an `X-Raw-Backend: Yes` header), or with the
+/// bytes given to [`RawBackend::answering`]. For asserting exactly what sluice forwards, or how
+/// it passes on an answer of a given shape.
 pub struct RawBackend {
     pub addr: SocketAddr,
     received: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
@@ -484,6 +486,13 @@ pub struct RawBackend {
 
 impl RawBackend {
     pub fn start() -> RawBackend {
+        Self::answering(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-type: text/plain\r\nX-Raw-Backend: Yes\r\n\r\nok\n",
+        )
+    }
+
+    /// As [`RawBackend::start`], answering every complete request with `answer` as it is.
+    pub fn answering(answer: &'static [u8]) -> RawBackend {
         use std::sync::atomic::Ordering;
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -508,9 +517,7 @@ impl RawBackend {
                         while let Some(len) = complete_request(&pending) {
                             pending.drain(..len);
                             rq.fetch_add(1, Ordering::SeqCst);
-                            let _ = conn.write_all(
-                                b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-type: text/plain\r\nX-Raw-Backend: Yes\r\n\r\nok\n",
-                            );
+                            let _ = conn.write_all(answer);
                         }
                     }
                 });
@@ -536,6 +543,20 @@ impl RawBackend {
     pub fn clear(&self) {
         self.received.lock().expect("lock").clear();
     }
+}
+
+/// Reads from `conn` until it holds a complete request (see [`complete_request`]) and returns
+/// what was read; `None` when the connection ends or fails first.
+pub fn read_request(conn: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while complete_request(&head).is_none() {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(head)
 }
 
 /// The length of the first complete request in `b` (head, then a Content-Length or chunked
