@@ -395,6 +395,9 @@ fn build_pool(p: &crate::config::Pool, resolver: &Resolver, reg: &Registries) ->
             o.write_timeout = Some(p.read_timeout);
             // a backend's header names reach the client lower-case, as over h2 (see `gateway`)
             o.keep_response_header_case = false;
+            // the response head goes to the hooks as read, not a copy (nothing here reads the
+            // client session's head after that: pingora-core patch 0007)
+            o.keep_response_header = false;
             // a name's member may vanish: its idle connections must not outlive that by much
             // (pingora's pool cannot drop a peer's connections on demand)
             o.idle_timeout = Some(if m.host.is_some() {

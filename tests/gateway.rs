@@ -935,6 +935,84 @@ fn upstream_connections_are_kept_alive() {
     });
 }
 
+/// A backend's word on its connection is kept after pingora's HTTP/1 client hands the
+/// response head to the hooks (pingora patch 0007 keeps only the fields reuse needs): an upstream
+/// connection answered with `Connection: close`, or in HTTP/1.0 without keep-alive, is not used
+/// again, while a plain HTTP/1.1 answer's is. The backend leaves every connection open, so a
+/// reuse shows as the next request arriving on the same connection. One client connection
+/// throughout (sluice keeps its upstream connection for it between requests).
+#[test]
+fn a_backends_connection_close_survives_the_head_hand_over() {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    // (connection number, request path) in arrival order
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(usize, String)>::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for (n, conn) in listener.incoming().enumerate() {
+            let Ok(mut conn) = conn else { return };
+            let log = log.clone();
+            std::thread::spawn(move || {
+                while let Some(head) = read_request(&mut conn) {
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                    let answer: &[u8] = match path.as_str() {
+                        "/close" => {
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+                        }
+                        "/h10" => b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                        _ => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                    };
+                    log.lock().expect("log").push((n, path));
+                    if conn.write_all(answer).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let dir = tempdir();
+    let s = gateway(dir.path(), &one_pool(&[addr], ""));
+    let mut c = std::net::TcpStream::connect(s.plain).expect("connect");
+    let paths = [
+        "/keep",
+        "/kept",
+        "/close",
+        "/after-close",
+        "/h10",
+        "/after-h10",
+    ];
+    for path in paths {
+        c.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
+            .expect("write");
+        let (code, head, body) = read_response(&mut c).expect("a response");
+        assert_eq!((code, body.as_slice()), (200, &b"ok"[..]), "{path}: {head}");
+    }
+    let seen = seen.lock().expect("log").clone();
+    let conn_of = |path: &str| {
+        seen.iter()
+            .find(|(_, p)| p == path)
+            .map(|(n, _)| *n)
+            .unwrap_or_else(|| panic!("{path} never reached the backend: {seen:?}"))
+    };
+    assert_eq!(
+        conn_of("/keep"),
+        conn_of("/kept"),
+        "a plain HTTP/1.1 answer's connection was not reused: {seen:?}"
+    );
+    assert_ne!(
+        conn_of("/close"),
+        conn_of("/after-close"),
+        "a connection answered with `Connection: close` was reused: {seen:?}"
+    );
+    assert_ne!(
+        conn_of("/h10"),
+        conn_of("/after-h10"),
+        "a connection answered in HTTP/1.0 without keep-alive was reused: {seen:?}"
+    );
+}
+
 /// One keep-alive GET on `s`: the backend's `x-connection-id`.
 fn upstream_connection_of(s: &mut std::net::TcpStream) -> String {
     use std::io::Write;
