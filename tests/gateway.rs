@@ -1013,6 +1013,63 @@ fn a_backends_connection_close_survives_the_head_hand_over() {
     );
 }
 
+/// Over h2, pingora's server hands each response head to h2 instead of a copy and keeps only
+/// its status (pingora patch 0009): the client still gets the backend's status, fields and body,
+/// and the access log and metrics the status that was sent. The backend answers 203, not the
+/// 200 a lost status would read as.
+#[test]
+fn h2_answers_handed_over_keep_status_fields_and_log() {
+    let backend = RawBackend::answering(
+        b"HTTP/1.1 203 Non-Authoritative Information\r\ncontent-length: 2\r\nx-custom: yes\r\n\r\nok",
+    );
+    let dir = tempdir();
+    let s = gateway(dir.path(), &one_pool(&[backend.addr], ""));
+    let h2 = s.tls_client(false);
+    runtime().block_on(async {
+        for _ in 0..2 {
+            let r = h2
+                .get(s.tls_url("/handed"))
+                .send()
+                .await
+                .expect("h2 request");
+            assert_eq!(r.version(), Version::HTTP_2);
+            assert_eq!(r.status(), 203);
+            assert_eq!(
+                r.headers().get("x-custom").map(|v| v.as_bytes()),
+                Some(&b"yes"[..])
+            );
+            assert!(r.headers().get("x-request-id").is_some());
+            assert!(r.headers().get("date").is_some());
+            assert_eq!(r.text().await.expect("body"), "ok");
+        }
+    });
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let lines = loop {
+        let lines: Vec<serde_json::Value> = s
+            .sluice
+            .stdout()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["path"] == "/handed")
+            .collect();
+        if lines.len() >= 2 || std::time::Instant::now() > end {
+            break lines;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for l in &lines {
+        assert_eq!(l["status"], 203, "{l}");
+        assert_eq!(l["protocol"], "HTTP/2", "{l}");
+    }
+    let (_, metrics) = s.sluice.admin_get("/metrics").expect("metrics");
+    assert!(
+        metrics
+            .contains(r#"sluice_requests_total{code="2xx",color="blue",pool="p",route="all"} 2"#),
+        "{metrics}"
+    );
+}
+
 /// One keep-alive GET on `s`: the backend's `x-connection-id`.
 fn upstream_connection_of(s: &mut std::net::TcpStream) -> String {
     use std::io::Write;

@@ -216,6 +216,9 @@ fn build_proxy(
     // only connections known to be h2 reach the proxy's own connection handling
     opts.h2c = true;
     opts.h2_idle_timeout = Some(l.keepalive_timeout);
+    // h2 gets each response head itself, not a copy: `gateway` reads only the status of what
+    // was written (pingora-core patch 0009)
+    opts.h2_hand_over_response_header = true;
     proxy.server_options = Some(opts);
     let mut h2 = default_h2_options();
     h2.max_concurrent_streams(l.h2_max_concurrent_streams)
