@@ -6,6 +6,13 @@
 //! case-insensitive (RFC 9110 section 5.1). Pingora parses HTTP/1 heads without its second,
 //! case-keeping header map for that (`set_keep_header_case(false)` in `edge`,
 //! `keep_response_header_case = false` on every peer in `snapshot`; pingora patch 0003).
+//!
+//! Nothing here reads a head back from pingora's sessions after it moved on: the response head
+//! reaches `response_filter` as pingora's HTTP/1 client parsed it, not a copy, and the client
+//! keeps only what its reuse decision needs (`keep_response_header = false` on every peer,
+//! patch 0007); over h2 the written head goes to h2 itself, and `response_written()` has only its
+//! status (`h2_hand_over_response_header` in `edge`, patch 0009). Code that needs more of either
+//! must keep its own copy or turn those options off.
 
 use std::net::IpAddr;
 use std::sync::Arc;
