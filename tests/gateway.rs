@@ -1043,20 +1043,13 @@ fn h2_answers_handed_over_keep_status_fields_and_log() {
             assert_eq!(r.text().await.expect("body"), "ok");
         }
     });
-    let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let lines = loop {
-        let lines: Vec<serde_json::Value> = s
-            .sluice
-            .stdout()
-            .lines()
+    let handed = |out: &str| -> Vec<serde_json::Value> {
+        out.lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|v| v["path"] == "/handed")
-            .collect();
-        if lines.len() >= 2 || std::time::Instant::now() > end {
-            break lines;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+            .collect()
     };
+    let lines = handed(&s.sluice.wait_stdout(|out| handed(out).len() >= 2));
     assert_eq!(lines.len(), 2, "{lines:?}");
     for l in &lines {
         assert_eq!(l["status"], 203, "{l}");
