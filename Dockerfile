@@ -6,7 +6,12 @@
 #   docker run -p 8443:8443 -p 8080:8080 -v $PWD/myconfig:/etc/sluice:ro sluice
 
 FROM rust:1.95-bookworm AS build
+# SLUICE_PGO=1 (the default): the profile-guided build (proxy/pgo/build.sh), trained on loopback
+# with wrk and h2load during the build; it installs llvm-<rustc's LLVM major> for llvm-profdata.
+# SLUICE_PGO=0: the plain release build (faster to build, slower to run).
+ARG SLUICE_PGO=1
 RUN apt-get update && apt-get install -y --no-install-recommends cmake patch \
+    $(if [ "$SLUICE_PGO" = 1 ]; then echo wrk nghttp2-client; fi) \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Dependencies are fetched in their own layer (changes only with Cargo.toml / Cargo.lock), and
@@ -24,8 +29,13 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 COPY proxy proxy
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target/release \
-    cargo build --release --locked --bin sluice \
-    && install -D target/release/sluice /out/usr/local/bin/sluice \
+    --mount=type=cache,target=/src/target/pgo-gen \
+    --mount=type=cache,target=/src/target/pgo \
+    if [ "$SLUICE_PGO" = 1 ]; then \
+      proxy/pgo/build.sh --locked && install -D target/pgo/sluice /out/usr/local/bin/sluice; \
+    else \
+      cargo build --release --locked --bin sluice && install -D target/release/sluice /out/usr/local/bin/sluice; \
+    fi \
     && mkdir -p /out/var/lib/sluice /out/etc/sluice
 
 FROM gcr.io/distroless/cc-debian12:nonroot

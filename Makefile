@@ -7,7 +7,7 @@ TARGET_DIR := target/$(if $(filter dev,$(PROFILE)),debug,$(PROFILE))
 BIN := $(TARGET_DIR)/sluice
 CONFIG ?= config/sluice.toml
 
-.PHONY: run test test-deps deps build check-config bench bench-cpu bench-deps bench-micro image fmt lint clean
+.PHONY: run test test-deps deps build pgo check-config bench bench-cpu bench-deps bench-micro image fmt lint clean
 
 # Install what the build needs when it is missing (cmake for pingora's zlib-ng; patch and curl
 # for the pingora patches), then build the patched pingora sources (proxy/patches/).
@@ -100,23 +100,32 @@ bench-deps: deps
 # `bare` is the same bare proxy built against pingora as published (benches/load/bare, its own
 # workspace, without our patches); the `profiling` builds with the system allocator count
 # allocations per request (benches/load/alloc_count.c).
+# `sluice` in the tables is the build sluice ships, profile-guided (`make pgo`); `sluice-nopgo`
+# is the plain release build of the same source.
 BARE_CARGO := cd benches/load/bare && $(CARGO) build --target-dir ../../../target/bare-pingora
 bench: bench-deps
 	$(CARGO) build --release --bin sluice
+	CARGO=$(CARGO) proxy/pgo/build.sh
 	$(CARGO) build --profile profiling --features system-alloc --bin sluice
 	cp target/profiling/sluice target/profiling/sluice-system-alloc
 	$(BARE_CARGO) --release
 	$(BARE_CARGO) --profile profiling --features system-alloc
-	SLUICE_BIN=target/release/sluice BARE_BIN=target/bare-pingora/release/bare-pingora \
-	  SLUICE_COUNT_BIN=target/profiling/sluice-system-alloc \
+	SLUICE_BIN=target/pgo/sluice SLUICE_NOPGO_BIN=target/release/sluice \
+	  BARE_BIN=target/bare-pingora/release/bare-pingora SLUICE_COUNT_BIN=target/profiling/sluice-system-alloc \
 	  BARE_COUNT_BIN=target/bare-pingora/profiling/bare-pingora benches/load/run.sh
 
-# CPU time per HTTP/1.1 request, user and kernel, of nginx, bare pingora and sluice (CPU_PERF=1:
-# with a cpu-clock profile of each); needs the release builds `make bench` makes.
+# CPU time per HTTP/1.1 request, user and kernel, of nginx, bare pingora and sluice (the PGO
+# build; CPU_PERF=1: with a cpu-clock profile of each).
 bench-cpu: bench-deps
-	$(CARGO) build --release --bin sluice
+	CARGO=$(CARGO) proxy/pgo/build.sh
 	$(BARE_CARGO) --release
-	benches/load/cpu.sh
+	SLUICE_BIN=target/pgo/sluice benches/load/cpu.sh
+
+# The optimised build the image ships and `make bench` measures: a profile-guided release build,
+# trained on loopback with the benchmark's load (proxy/pgo/build.sh; needs wrk and h2load, and
+# installs llvm-<major> matching rustc's LLVM when its llvm-profdata is missing) -> target/pgo/sluice.
+pgo: bench-deps
+	CARGO=$(CARGO) proxy/pgo/build.sh
 
 # Micro-benchmarks (criterion) and the rate limiter's memory with 1,000,000 clients.
 bench-micro: deps

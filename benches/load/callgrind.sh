@@ -11,6 +11,14 @@
 #   CG_H2=1 benches/load/callgrind.sh BIN [N]    sluice, over TLS 1.3 + HTTP/2 (h2load -m 10) as in
 #                                                `make bench`'s h2tls scenario (sluice only)
 #
+#   CG_CACHE=1 benches/load/callgrind.sh BIN [N]
+#                                                also simulates the caches (32 KiB 8-way L1
+#                                                instruction and data caches, a 1 MiB 16-way last
+#                                                level) and prints their misses per request:
+#                                                I1mr, instruction fetches that missed L1, is what
+#                                                tracks time per request best here (the hot
+#                                                path's code does not fit in L1)
+#
 #   CG_TOOL=dhat benches/load/callgrind.sh BIN [N]
 #                                                allocations instead of instructions: the same two
 #                                                runs under valgrind's dhat, and per call site of
@@ -107,7 +115,9 @@ EOF
 			cmd=("$BIN" bench bare-proxy --listen "127.0.0.1:$port" --upstream "127.0.0.1:$BACKEND")
 		fi
 	fi
-	RUST_LOG=warn valgrind --tool="$TOOL" "--$TOOL-out-file=$OUT/$PROXY-$n.$EXT" "${cmd[@]}" \
+	local cache=()
+	[ -n "${CG_CACHE:-}" ] && [ "$TOOL" = callgrind ] && cache=(--cache-sim=yes --I1=32768,8,64 --D1=32768,8,64 --LL=1048576,16,64)
+	RUST_LOG=warn valgrind --tool="$TOOL" "${cache[@]}" "--$TOOL-out-file=$OUT/$PROXY-$n.$EXT" "${cmd[@]}" \
 		>"$OUT/$PROXY-$n.log" 2>&1 &
 	pid=$!
 	wait_port "$port"
@@ -135,4 +145,11 @@ if [ "$TOOL" = dhat ]; then
 	exit 0
 fi
 echo "$PROXY: $(( (full - base) / N )) instructions per request (totals $base with 0, $full with $N)"
+if [ -n "${CG_CACHE:-}" ]; then
+	# events and totals of both runs -> each event per request
+	awk -v n="$N" '/^events:/ { for (i = 2; i <= NF; i++) ev[i] = $i }
+		/^totals:/ { run++; for (i = 2; i <= NF; i++) t[run, i] = $i; nf = NF }
+		END { line = ""; for (i = 2; i <= nf; i++) line = line sprintf(" %s %.0f", ev[i], (t[2, i] - t[1, i]) / n)
+			print "per request:" line }' "$OUT/$PROXY-0.out" "$OUT/$PROXY-$N.out"
+fi
 echo "profile: callgrind_annotate --inclusive=yes $OUT/$PROXY-$N.out"
