@@ -26,6 +26,9 @@
 # `bare` is the bare pingora proxy (bare_proxy.rs) built against pingora as published (BARE_BIN,
 # from benches/load/bare): the floor a pingora user starts from; `bare-patched` is the same proxy
 # inside the sluice binary (`sluice bench bare-proxy`), so with sluice's pingora patches.
+# `sluice` is the build sluice ships (`make bench`: the profile-guided build of proxy/pgo/build.sh);
+# with SLUICE_NOPGO_BIN (the plain release build of the same source), row `sluice-nopgo` runs it
+# with every feature on, and `bare-patched` comes from it (the compiler settings of `bare`).
 #
 # Environment: SLUICE_BIN (default target/release/sluice), BARE_BIN (default
 # target/bare-pingora/release/bare-pingora), BENCH_SECONDS (5), BENCH_ROUNDS (3),
@@ -33,7 +36,8 @@
 # run, default "http1 h2tls fixed handshake conns costs"), BENCH_COST_REQUESTS (20000),
 # SLUICE_COUNT_BIN and BARE_COUNT_BIN (system-allocator builds for the allocation counts; without
 # them the costs table has system calls only), SLUICE_BASE_BIN (another sluice build, run with every feature
-# on as row `sluice-base`: to compare a tuning change with what it replaces, in the same run).
+# on as row `sluice-base`: to compare a tuning change with what it replaces, in the same run),
+# SLUICE_NOPGO_BIN (above).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -54,11 +58,13 @@ RAW=$WORK/raw.tsv   # scenario proxy round rps p50_ms p99_ms errors
 
 ONLY=${BENCH_ONLY:-http1 h2tls fixed handshake conns costs}
 RATE=${BENCH_RATE:-3200}
+NOPGO_BIN=${SLUICE_NOPGO_BIN:-}
 PROXIES=(nginx haproxy bare bare-patched sluice-off sluice sluice-traced)
+[ -n "$NOPGO_BIN" ] && PROXIES+=(sluice-nopgo)
 [ -n "${SLUICE_BASE_BIN:-}" ] && PROXIES+=(sluice-base)
 BACKEND=127.0.0.1:18000
-declare -A PLAIN=([nginx]=18001 [haproxy]=18002 [bare]=18003 [sluice-off]=18004 [sluice]=18005 [sluice-base]=18006 [sluice-traced]=18007 [bare-patched]=18008)
-declare -A TLS=([nginx]=18101 [haproxy]=18102 [bare]=18103 [sluice-off]=18104 [sluice]=18105 [sluice-base]=18106 [sluice-traced]=18107 [bare-patched]=18108)
+declare -A PLAIN=([nginx]=18001 [haproxy]=18002 [bare]=18003 [sluice-off]=18004 [sluice]=18005 [sluice-base]=18006 [sluice-traced]=18007 [bare-patched]=18008 [sluice-nopgo]=18009)
+declare -A TLS=([nginx]=18101 [haproxy]=18102 [bare]=18103 [sluice-off]=18104 [sluice]=18105 [sluice-base]=18106 [sluice-traced]=18107 [bare-patched]=18108 [sluice-nopgo]=18109)
 # the rows of the costs scenario: system calls of each; allocations of those with a COUNT_PORT
 COST_ROWS=(nginx bare bare-patched sluice)
 [ -n "${SLUICE_BASE_BIN:-}" ] && COST_ROWS+=(sluice-base)
@@ -129,6 +135,7 @@ EOF
 sluice_config "$WORK" "$BACKEND" sluice-off "${PLAIN[sluice-off]}" "${TLS[sluice-off]}" 18904 off
 sluice_config "$WORK" "$BACKEND" sluice "${PLAIN[sluice]}" "${TLS[sluice]}" 18905 on
 sluice_config "$WORK" "$BACKEND" sluice-base "${PLAIN[sluice-base]}" "${TLS[sluice-base]}" 18906 on
+sluice_config "$WORK" "$BACKEND" sluice-nopgo "${PLAIN[sluice-nopgo]}" "${TLS[sluice-nopgo]}" 18909 on
 sluice_config "$WORK" "$BACKEND" sluice-traced "${PLAIN[sluice-traced]}" "${TLS[sluice-traced]}" 18907 traced "$OTLP_SINK"
 sluice_config "$WORK" "$BACKEND" sluice-count "${COUNT_PORT[sluice]}" 18305 18908 on
 
@@ -154,13 +161,14 @@ start haproxy taskset -c $PROXY_CPU haproxy -f "$WORK/haproxy.cfg"
 start bare taskset -c $PROXY_CPU "$BARE_BIN" --listen "127.0.0.1:${PLAIN[bare]}" \
 	--tls-listen "127.0.0.1:${TLS[bare]}" --cert "$WORK/cert.pem" --key "$WORK/key.pem" \
 	--upstream $BACKEND --threads 1
-start bare-patched taskset -c $PROXY_CPU "$BIN" bench bare-proxy --listen "127.0.0.1:${PLAIN[bare-patched]}" \
+start bare-patched taskset -c $PROXY_CPU "${NOPGO_BIN:-$BIN}" bench bare-proxy --listen "127.0.0.1:${PLAIN[bare-patched]}" \
 	--tls-listen "127.0.0.1:${TLS[bare-patched]}" --cert "$WORK/cert.pem" --key "$WORK/key.pem" \
 	--upstream $BACKEND --threads 1
 start sluice-off taskset -c $PROXY_CPU "$BIN" run -c "$WORK/sluice-off.toml"
 start sluice taskset -c $PROXY_CPU "$BIN" run -c "$WORK/sluice.toml"
 start otlp-sink taskset -c $LOAD_CPU "$BIN" demo-backend --listen "127.0.0.1:$OTLP_SINK" --name otlp-sink
 start sluice-traced taskset -c $PROXY_CPU "$BIN" run -c "$WORK/sluice-traced.toml"
+[ -n "$NOPGO_BIN" ] && start sluice-nopgo taskset -c $PROXY_CPU "$NOPGO_BIN" run -c "$WORK/sluice-nopgo.toml"
 [ -n "${SLUICE_BASE_BIN:-}" ] && start sluice-base taskset -c $PROXY_CPU "$SLUICE_BASE_BIN" run -c "$WORK/sluice-base.toml"
 wait_port 18000
 for p in "${PROXIES[@]}"; do
@@ -430,6 +438,11 @@ cpu=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
 	echo "pingora alone as published (benches/load/bare_proxy.rs built by benches/load/bare against"
 	echo "crates.io's pingora, same compiler settings and allocator); \`bare-patched\` is the same proxy"
 	echo "built into sluice (\`sluice bench bare-proxy\`), so with sluice's pingora patches (proxy/patches/)."
+	if [ -n "$NOPGO_BIN" ]; then
+		echo "\`sluice\` is the profile-guided build sluice ships (proxy/pgo/build.sh, $BIN);"
+		echo "\`sluice-nopgo\` is the plain release build of the same source, every feature on ($NOPGO_BIN),"
+		echo "with the compiler settings of \`bare\`; \`bare-patched\` runs from it too."
+	fi
 	echo
 	echo "| ratio (same round) | HTTP/1.1 | TLS h2 |"
 	echo "| --- | ---: | ---: |"
@@ -438,6 +451,11 @@ cpu=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
 	echo "| sluice (off) / bare pingora | $(vs http1 sluice-off bare) | $(vs h2tls sluice-off bare) |"
 	echo "| bare pingora with sluice's patches / bare pingora | $(vs http1 bare-patched bare) | $(vs h2tls bare-patched bare) |"
 	echo "| sluice-traced (all on + tracing at 0.01) / sluice (all on) | $(vs http1 sluice-traced sluice) | $(vs h2tls sluice-traced sluice) |"
+	if [ -n "$NOPGO_BIN" ]; then
+		echo "| sluice (all on) / sluice-nopgo (all on, no PGO) | $(vs http1 sluice sluice-nopgo) | $(vs h2tls sluice sluice-nopgo) |"
+		echo "| sluice-nopgo (all on, no PGO) / bare pingora | $(vs http1 sluice-nopgo bare) | $(vs h2tls sluice-nopgo bare) |"
+		echo "| sluice-nopgo (all on, no PGO) / nginx | $(ratio http1 sluice-nopgo) | $(ratio h2tls sluice-nopgo) |"
+	fi
 	if [ -n "${SLUICE_BASE_BIN:-}" ]; then
 		echo "| sluice (all on) / sluice-base (all on, $SLUICE_BASE_BIN) | $(vs http1 sluice sluice-base) | $(vs h2tls sluice sluice-base) |"
 	fi
@@ -544,6 +562,11 @@ cpu=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
 	if wants http1; then
 		target "HTTP/1.1: sluice (all on) / bare pingora" "$(vs http1 sluice bare)" ">=" 1.15 "$(errs http1 sluice bare)"
 		target "HTTP/1.1: sluice (all on) / nginx" "$(ratio http1 sluice)" ">=" 0.55 "$(errs http1 sluice nginx)"
+		if [ -n "$NOPGO_BIN" ]; then
+			# the shipped build is the PGO one; the plain build's figures, beside them
+			echo "| (for comparison, no PGO) HTTP/1.1: sluice-nopgo / bare pingora | $(vs http1 sluice-nopgo bare) | $(errs http1 sluice-nopgo bare) | not a target |"
+			echo "| (for comparison, no PGO) HTTP/1.1: sluice-nopgo / nginx | $(ratio http1 sluice-nopgo) | $(errs http1 sluice-nopgo nginx) | not a target |"
+		fi
 	fi
 	if wants h2tls; then
 		target "TLS 1.3 + h2: sluice (all on) / nginx" "$(ratio h2tls sluice)" ">=" 1.0 "$(errs h2tls sluice nginx)"
