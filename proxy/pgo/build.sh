@@ -10,7 +10,9 @@
 # 2. trains it on loopback: sluice with every feature on (the benchmark's `sluice` config:
 #    rate limit, geo-routing, blue-green 50/50, metrics, JSON access log) in front of
 #    `sluice demo-backend`, under HTTP/1.1 keep-alive (wrk), TLS 1.3 + h2 (h2load) and new TLS
-#    connections (`sluice bench handshakes`), a few seconds each;
+#    connections (`sluice bench handshakes`), a few seconds each; then the same config with
+#    OpenTelemetry tracing on (sample ratio 0.01, spans to a demo backend as the OTLP sink)
+#    under HTTP/1.1, so that a traced request path is not left out of the profile;
 # 3. merges the profile with llvm-profdata (the LLVM of rustc's own version: rustup's
 #    llvm-tools, or llvm-profdata-<major>, installed with apt-get as llvm-<major> when missing);
 # 4. builds sluice with the profile (-Cprofile-use) into target/pgo; the binary is copied to
@@ -110,19 +112,35 @@ ADMIN=$(free_port)
 # shellcheck source=benches/load/configs.sh
 . "$ROOT/benches/load/configs.sh"
 sluice_config "$W" "127.0.0.1:$BACKEND" sluice "$PLAIN" "$TLS" "$ADMIN" on
+SINK=$(free_port)
+helper demo-backend --listen "127.0.0.1:$SINK" --name otlp-sink >"$W/sink.log" 2>&1 &
+PIDS+=($!)
+TRACED=$(free_port)
+TRACED_ADMIN=$(free_port)
+sluice_config "$W" "127.0.0.1:$BACKEND" traced "$TRACED" - "$TRACED_ADMIN" traced "$SINK"
 wait_port "$BACKEND"
-RUST_LOG=warn LLVM_PROFILE_FILE="$DATA/sluice-%p.profraw" "$GEN" run -c "$W/sluice.toml" >"$W/sluice.log" 2>&1 &
-SLUICE=$!
-PIDS+=("$SLUICE")
+wait_port "$SINK"
+proxy() { # config -> the instrumented sluice's pid, writing its profile to $DATA on exit
+	RUST_LOG=warn LLVM_PROFILE_FILE="$DATA/sluice-%p.profraw" "$GEN" run -c "$W/$1.toml" >"$W/$1.log" 2>&1 &
+	PIDS+=($!)
+	SLUICE=$!
+}
+stop() { # name: SIGTERM (graceful shutdown), which writes the profile
+	kill -TERM "$SLUICE"
+	wait "$SLUICE" || die "the instrumented sluice ($1) did not exit cleanly: $(tail -5 "$W/$1.log")"
+}
+proxy sluice
 wait_port "$PLAIN"
 wait_port "$TLS"
 wrk -t1 -c64 -d"${SECS}s" "http://127.0.0.1:$PLAIN/" | sed -n 's/^Requests\/sec: */pgo:   HTTP\/1.1 req\/s /p' >&2
 h2load -t1 -c64 -m10 -D "$SECS" "https://127.0.0.1:$TLS/" | sed -n 's/^requests: /pgo:   TLS h2 requests: /p' >&2
 helper bench handshakes --target "127.0.0.1:$TLS" --seconds "$SECS" --concurrency 32 | sed 's/^/pgo:   handshakes /' >&2
-# the profile is written when the process exits (SIGTERM: graceful shutdown)
-kill -TERM "$SLUICE"
-wait "$SLUICE" || die "the instrumented sluice did not exit cleanly: $(tail -5 "$W/sluice.log")"
-ls "$DATA"/sluice-*.profraw >/dev/null 2>&1 || die "the instrumented sluice wrote no profile to $DATA"
+stop sluice
+proxy traced
+wait_port "$TRACED"
+wrk -t1 -c64 -d"${SECS}s" "http://127.0.0.1:$TRACED/" | sed -n 's/^Requests\/sec: */pgo:   HTTP\/1.1 traced req\/s /p' >&2
+stop traced
+[ "$(find "$DATA" -name 'sluice-*.profraw' | wc -l)" = 2 ] || die "the instrumented sluice wrote no profile to $DATA"
 
 say "3/4 merging the profile ($PROFDATA)"
 mkdir -p "$OUT_DIR"
