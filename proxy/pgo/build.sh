@@ -101,11 +101,16 @@ wait_port() {
 rm -rf "$DATA"
 # only the proxy under load writes its profile to $DATA; the helpers' go nowhere
 helper() { LLVM_PROFILE_FILE="$W/helper-%p.profraw" "$GEN" "$@"; }
+helper_bg() { # log command...: in the background, its own pid in PIDS (not a subshell's)
+	local log=$1
+	shift
+	LLVM_PROFILE_FILE="$W/helper-%p.profraw" "$GEN" "$@" >"$log" 2>&1 &
+	PIDS+=($!)
+}
 helper gen-cert --cert "$W/cert.pem" --key "$W/key.pem" --hosts localhost,127.0.0.1 >/dev/null
 helper geoip-build-demo --out "$W/geo.mmdb" >/dev/null
 BACKEND=$(free_port)
-helper demo-backend --listen "127.0.0.1:$BACKEND" --name pgo >"$W/backend.log" 2>&1 &
-PIDS+=($!)
+helper_bg "$W/backend.log" demo-backend --listen "127.0.0.1:$BACKEND" --name pgo
 PLAIN=$(free_port)
 TLS=$(free_port)
 ADMIN=$(free_port)
@@ -113,8 +118,7 @@ ADMIN=$(free_port)
 . "$ROOT/benches/load/configs.sh"
 sluice_config "$W" "127.0.0.1:$BACKEND" sluice "$PLAIN" "$TLS" "$ADMIN" on
 SINK=$(free_port)
-helper demo-backend --listen "127.0.0.1:$SINK" --name otlp-sink >"$W/sink.log" 2>&1 &
-PIDS+=($!)
+helper_bg "$W/sink.log" demo-backend --listen "127.0.0.1:$SINK" --name otlp-sink
 TRACED=$(free_port)
 TRACED_ADMIN=$(free_port)
 sluice_config "$W" "127.0.0.1:$BACKEND" traced "$TRACED" - "$TRACED_ADMIN" traced "$SINK"
