@@ -22,6 +22,18 @@
 # DIR/geo.mmdb, blue-green 50/50 over four pools, JSON access log to DIR/NAME-access.log),
 # "traced" (on, plus OpenTelemetry tracing at sample ratio 0.01 to an OTLP/HTTP sink on
 # 127.0.0.1:OTLP_PORT) or "off" (one pool, no access log).
+#
+#   listening PORT
+#
+# waits (at most 10 s) until something accepts connections on 127.0.0.1:PORT; fails if nothing
+# does. The scripts that start these servers wait with it.
+listening() {
+	for _ in $(seq 1 200); do
+		(exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+		sleep 0.05
+	done
+	return 1
+}
 backend_config() {
 	cat >"$1/backend.conf" <<EOT
 worker_processes 1;

@@ -147,11 +147,7 @@ start() { # name command...
 	PIDS[$name]=$!
 }
 wait_port() {
-	for _ in $(seq 1 200); do
-		(exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-		sleep 0.05
-	done
-	die "nothing listens on $1: $(tail -5 "$WORK"/*.err 2>/dev/null)"
+	listening "$1" || die "nothing listens on $1: $(tail -5 "$WORK"/*.err 2>/dev/null)"
 }
 
 export RUST_LOG=warn

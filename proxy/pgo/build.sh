@@ -92,11 +92,7 @@ free_port() { # a port nothing listens on (the training starts right after)
 	die "no free port found"
 }
 wait_port() {
-	for _ in $(seq 1 200); do
-		(exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-		sleep 0.05
-	done
-	die "nothing listens on 127.0.0.1:$1: $(tail -5 "$W"/*.log 2>/dev/null)"
+	listening "$1" || die "nothing listens on 127.0.0.1:$1: $(tail -5 "$W"/*.log 2>/dev/null)"
 }
 rm -rf "$DATA"
 # only the proxy under load writes its profile to $DATA; the helpers' go nowhere
