@@ -31,7 +31,7 @@
 # with every feature on, and `bare-patched` comes from it (the compiler settings of `bare`).
 #
 # Environment: SLUICE_BIN (default target/release/sluice), BARE_BIN (default
-# target/bare-pingora/release/bare-pingora), BENCH_SECONDS (5), BENCH_ROUNDS (3),
+# target/bare-pingora/release/bare-pingora), BENCH_SECONDS (5), BENCH_ROUNDS (5),
 # BENCH_IDLE (5000), BENCH_RATE (3200), BENCH_OUT (benches/results), BENCH_ONLY (scenarios to
 # run, default "http1 h2tls fixed handshake conns costs"), BENCH_COST_REQUESTS (20000),
 # SLUICE_COUNT_BIN and BARE_COUNT_BIN (system-allocator builds for the allocation counts; without
@@ -45,7 +45,7 @@ BIN=${SLUICE_BIN:-$ROOT/target/release/sluice}
 BARE_BIN=${BARE_BIN:-$ROOT/target/bare-pingora/release/bare-pingora}
 COST_N=${BENCH_COST_REQUESTS:-20000}
 SECS=${BENCH_SECONDS:-5}
-ROUNDS=${BENCH_ROUNDS:-3}
+ROUNDS=${BENCH_ROUNDS:-5}
 IDLE=${BENCH_IDLE:-5000}
 OUT=${BENCH_OUT:-$ROOT/benches/results}
 CONNS=64
