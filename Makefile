@@ -7,7 +7,7 @@ TARGET_DIR := target/$(if $(filter dev,$(PROFILE)),debug,$(PROFILE))
 BIN := $(TARGET_DIR)/sluice
 CONFIG ?= config/sluice.toml
 
-.PHONY: run test test-deps deps build pgo check-config bench bench-cpu bench-deps bench-micro image fmt lint clean
+.PHONY: run test test-deps deps build pgo pgo-deps check-config bench bench-cpu bench-deps bench-micro image fmt lint clean
 
 # Install what the build needs when it is missing (cmake for pingora's zlib-ng; patch and curl
 # for the pingora patches), then build the patched pingora sources (proxy/patches/).
@@ -82,18 +82,25 @@ test: deps test-deps
 image:
 	docker build -t sluice:$$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1) -t sluice:latest .
 
+# Installs the missing packages of a list of command:package pairs with apt-get.
+define apt_install
+@missing=""; \
+for t in $(1); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
+if [ -n "$$missing" ]; then \
+  echo "installing$$missing ($(2))"; \
+  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
+  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; } \
+    || { echo "error: could not install$$missing ($(2)): install it by hand"; exit 1; }; \
+fi
+endef
+
+# The profile-guided build's training load (proxy/pgo/build.sh installs llvm-profdata itself).
+pgo-deps: deps
+	$(call apt_install,wrk:wrk h2load:nghttp2-client,the PGO training load)
+
 # The load tools `make bench` compares sluice with (Debian packages).
-bench-deps: deps
-	@missing=""; \
-	for t in nginx:nginx haproxy:haproxy wrk:wrk h2load:nghttp2-client curl:curl taskset:util-linux strace:strace gcc:gcc; do \
-	  command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing$$missing"; \
-	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null \
-	    || { echo "error: could not install$$missing"; exit 1; }; \
-	fi
+bench-deps: pgo-deps
+	$(call apt_install,nginx:nginx haproxy:haproxy curl:curl taskset:util-linux strace:strace gcc:gcc,the benchmark)
 
 # Side-by-side load benchmark: sluice, a bare pingora proxy, nginx and HAProxy on this machine
 # (benches/load/run.sh); the table goes to benches/results/. Not part of `make test`.
@@ -124,7 +131,7 @@ bench-cpu: bench-deps
 # The optimised build the image ships and `make bench` measures: a profile-guided release build,
 # trained on loopback with the benchmark's load (proxy/pgo/build.sh; needs wrk and h2load, and
 # installs llvm-<major> matching rustc's LLVM when its llvm-profdata is missing) -> target/pgo/sluice.
-pgo: bench-deps
+pgo: pgo-deps
 	CARGO=$(CARGO) proxy/pgo/build.sh
 
 # Micro-benchmarks (criterion) and the rate limiter's memory with 1,000,000 clients.

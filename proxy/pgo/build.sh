@@ -22,7 +22,7 @@
 # layout and the compiler's inlining and branch decisions differ. Step 4 warns that the profile
 # of `sluice::main` is "partially ignored": main ends in `process::exit`, so LLVM sees no return
 # path; nothing else is affected. Needs wrk and h2load
-# (`make bench-deps`). PGO_SECONDS (default 5) is the length of each training load.
+# (`make pgo-deps`). PGO_SECONDS (default 5) is the length of each training load.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
@@ -40,7 +40,7 @@ die() {
 }
 
 for t in wrk h2load; do
-	command -v $t >/dev/null || die "$t is missing: the training load needs it (make bench-deps)"
+	command -v $t >/dev/null || die "$t is missing: the training load needs it (make pgo-deps)"
 done
 
 # llvm-profdata of rustc's LLVM version (a profile written by one version may not read in another)
