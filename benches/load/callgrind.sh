@@ -44,14 +44,10 @@ command -v valgrind >/dev/null || { echo "valgrind missing" >&2; exit 1; }
 command -v h2load >/dev/null || { echo "h2load missing (make bench-deps)" >&2; exit 1; }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-	for _ in $(seq 1 600); do
-		(exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-		sleep 0.1
-	done
-	echo "nothing listens on $1" >&2
-	return 1
-}
+# shellcheck source=benches/load/configs.sh
+. "$ROOT/benches/load/configs.sh"
+# a proxy under valgrind takes far longer to start than the 10 s the other scripts allow
+wait_port() { listening "$1" 60 || { echo "nothing listens on $1" >&2; return 1; }; }
 
 H2=${CG_H2:-}
 if [ -n "$H2" ]; then

@@ -1,6 +1,7 @@
 # shellcheck shell=bash
-# The configs of the load benchmarks, sourced by run.sh and cpu.sh so that both measure the
-# same backend, the same nginx and the same "every feature on" and "features off" sluice.
+# The configs of the load benchmarks, sourced by run.sh, cpu.sh, callgrind.sh and
+# proxy/pgo/build.sh so that they measure the same backend, the same nginx and the same "every
+# feature on" and "features off" sluice.
 #
 #   backend_config DIR LISTEN
 #
@@ -23,12 +24,12 @@
 # "traced" (on, plus OpenTelemetry tracing at sample ratio 0.01 to an OTLP/HTTP sink on
 # 127.0.0.1:OTLP_PORT) or "off" (one pool, no access log).
 #
-#   listening PORT
+#   listening PORT [SECONDS]
 #
-# waits (at most 10 s) until something accepts connections on 127.0.0.1:PORT; fails if nothing
-# does. The scripts that start these servers wait with it.
+# waits (at most SECONDS, default 10) until something accepts connections on 127.0.0.1:PORT;
+# fails if nothing does. The scripts that start these servers wait with it.
 listening() {
-	for _ in $(seq 1 200); do
+	for _ in $(seq 1 $((${2:-10} * 20))); do
 		(exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
 		sleep 0.05
 	done

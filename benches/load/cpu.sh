@@ -64,10 +64,7 @@ PID[sluice-off]=$!
 taskset -c 0 "$BIN" run --config "$W/sluice.toml" >"$W/sluice.log" 2>&1 &
 PID[sluice]=$!
 for p in $PROXIES; do
-	for _ in $(seq 1 200); do
-		(exec 3<>"/dev/tcp/127.0.0.1/${PORT[$p]}") 2>/dev/null && break
-		sleep 0.05
-	done
+	listening "${PORT[$p]}" || { echo "$p does not listen on ${PORT[$p]}" >&2; exit 1; }
 done
 [ -f "$W/nginx.pid" ] || sleep 1
 
