@@ -43,7 +43,6 @@ mkdir -p "$OUT"
 command -v valgrind >/dev/null || { echo "valgrind missing" >&2; exit 1; }
 command -v h2load >/dev/null || { echo "h2load missing (make bench-deps)" >&2; exit 1; }
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 # shellcheck source=benches/load/configs.sh
 . "$ROOT/benches/load/configs.sh"
 # a proxy under valgrind takes far longer to start than the 10 s the other scripts allow

@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# The configs of the load benchmarks, sourced by run.sh, cpu.sh, callgrind.sh and
+# The configs and helpers of the load benchmarks, sourced by run.sh, cpu.sh, callgrind.sh and
 # proxy/pgo/build.sh so that they measure the same backend, the same nginx and the same "every
 # feature on" and "features off" sluice.
 #
@@ -24,10 +24,29 @@
 # "traced" (on, plus OpenTelemetry tracing at sample ratio 0.01 to an OTLP/HTTP sink on
 # 127.0.0.1:OTLP_PORT) or "off" (one pool, no access log).
 #
+#   free_port
+#
+# prints a port of 127.0.0.1 that nothing listens on, for a server started right after; fails
+# after 100 tries. It is one of 20000 up to the kernel's ephemeral range (ip_local_port_range,
+# usually from 32768), at random: a port from that range can be taken meanwhile as the local
+# port of a client connection (the load generators open thousands), and the server's bind then
+# fails with "Address already in use".
+#
 #   listening PORT [SECONDS]
 #
 # waits (at most SECONDS, default 10) until something accepts connections on 127.0.0.1:PORT;
 # fails if nothing does. The scripts that start these servers wait with it.
+free_port() {
+	local p low
+	low=$(awk '{print $1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+	[ "${low:-0}" -gt 21000 ] || low=60000 # an unusual range: any of 20000-59999
+	for _ in $(seq 1 100); do
+		p=$((20000 + RANDOM % (low - 20000)))
+		(exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return 0; }
+	done
+	echo "no free port found" >&2
+	return 1
+}
 listening() {
 	for _ in $(seq 1 $((${2:-10} * 20))); do
 		(exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0

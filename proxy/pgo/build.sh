@@ -83,14 +83,9 @@ cleanup() {
 	rm -rf "$W"
 }
 trap cleanup EXIT
-free_port() { # a port nothing listens on (the training starts right after)
-	local p
-	for _ in $(seq 1 100); do
-		p=$((20000 + RANDOM % 40000))
-		(exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return 0; }
-	done
-	die "no free port found"
-}
+# free_port, listening and sluice_config: the benchmark's helpers
+# shellcheck source=benches/load/configs.sh
+. "$ROOT/benches/load/configs.sh"
 wait_port() {
 	listening "$1" || die "nothing listens on 127.0.0.1:$1: $(tail -5 "$W"/*.log 2>/dev/null)"
 }
@@ -110,8 +105,6 @@ helper_bg "$W/backend.log" demo-backend --listen "127.0.0.1:$BACKEND" --name pgo
 PLAIN=$(free_port)
 TLS=$(free_port)
 ADMIN=$(free_port)
-# shellcheck source=benches/load/configs.sh
-. "$ROOT/benches/load/configs.sh"
 sluice_config "$W" "127.0.0.1:$BACKEND" sluice "$PLAIN" "$TLS" "$ADMIN" on
 SINK=$(free_port)
 helper_bg "$W/sink.log" demo-backend --listen "127.0.0.1:$SINK" --name otlp-sink
