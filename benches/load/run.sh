@@ -147,7 +147,7 @@ start() { # name command...
 	PIDS[$name]=$!
 }
 wait_port() {
-	listening "$1" || die "nothing listens on $1: $(tail -5 "$WORK"/*.err 2>/dev/null)"
+	listening "$1" || die "nothing listens on $1: $(tail -n 5 "$WORK"/*.err 2>/dev/null)"
 }
 
 export RUST_LOG=warn

@@ -87,7 +87,7 @@ trap cleanup EXIT
 # shellcheck source=benches/load/configs.sh
 . "$ROOT/benches/load/configs.sh"
 wait_port() {
-	listening "$1" || die "nothing listens on 127.0.0.1:$1: $(tail -5 "$W"/*.log 2>/dev/null)"
+	listening "$1" || die "nothing listens on 127.0.0.1:$1: $(tail -n 5 "$W"/{backend,sink,sluice,traced}.log 2>/dev/null)"
 }
 rm -rf "$DATA"
 # only the proxy under load writes its profile to $DATA; the helpers' go nowhere
